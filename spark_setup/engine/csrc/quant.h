@@ -1,0 +1,62 @@
+// quant.h: GGML block formats used by the DS4 files and the kernels over them (CPU here; CUDA twins below).
+//
+// Matrices are row-major as stored in GGUF: row r (output feature r) is ne0 = n_cols contiguous values,
+// row_bytes(type, n_cols) bytes. All functions throw ds4::Error(DS4_E_ARG, ...) on an unsupported type or a
+// column count that is not a multiple of the block size.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace ds4 {
+
+// Values per block (1 for F32/F16/BF16/I32); 0 if the type is unknown.
+int64_t block_size(int type);
+// Bytes per block; 0 if the type is unknown.
+size_t type_size(int type);
+// Bytes of one row of n_cols values; 0 if the type is unknown or n_cols is not a multiple of block_size.
+size_t row_bytes(int type, int64_t n_cols);
+// "Q8_0", "IQ2_XXS", ... ("?" if unknown).
+const char *type_name(int type);
+// True for the types the quant kernels (dequant / matvec) handle: F32 F16 BF16 Q8_0 Q2_K Q4_K IQ2_XXS.
+bool kernel_type_supported(int type);
+
+// ---- scalar conversions ----
+float fp16_to_fp32(uint16_t h);
+uint16_t fp32_to_fp16(float f);  // round to nearest even, inf/nan preserved
+inline float bf16_to_fp32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+uint16_t fp32_to_bf16(float f);  // round to nearest even, nan kept quiet
+
+// ---- CPU kernels ----
+// Dequantize rows [r0, r1) of the matrix starting at `data` (row 0) into out[(r1-r0) * n_cols].
+void cpu_dequant_rows(int type, const void *data, int64_t n_cols, int64_t r0, int64_t r1, float *out);
+// y[r] = sum_c W[r, c] * x[c], f32 accumulation. Deterministic for a given n_threads (fixed per-row order);
+// n_threads <= 0 means the default (hardware threads, capped at 8). Results do not depend on n_threads.
+void cpu_matvec(int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y,
+                int n_threads = 0);
+// Y[t][r] = sum_c W[r, c] * X[t][c] for t < n_tok (X is [n_tok x n_cols], Y is [n_tok x n_rows]).
+// Each row is dequantized once; every Y[t] equals cpu_matvec(W, X[t]) bit for bit.
+void cpu_matmul(int type, const void *W, int64_t n_rows, int64_t n_cols, const float *X, int64_t n_tok, float *Y,
+                int n_threads = 0);
+
+}  // namespace ds4
+
+#ifdef DS4_WITH_CUDA
+// Same typedef as cuda_runtime_api.h, so host .cpp files need not include CUDA headers.
+struct CUstream_st;
+typedef struct CUstream_st *cudaStream_t;
+
+namespace ds4 {
+// ---- CUDA kernels (device pointers; asynchronous on `stream`; throw ds4::Error(DS4_E_BACKEND) on launch error) --
+void cuda_dequant_rows(int type, const void *d_data, int64_t n_cols, int64_t r0, int64_t r1, float *d_out,
+                       cudaStream_t stream);
+void cuda_matvec(int type, const void *d_W, int64_t n_rows, int64_t n_cols, const float *d_x, float *d_y,
+                 cudaStream_t stream);
+}  // namespace ds4
+#endif
