@@ -87,7 +87,6 @@ public:
 private:
     GGUF() = default;
     bool parse(std::string *err);
-    bool scalar_int(const KVInfo &kv, uint32_t t, uint64_t off, int64_t *v, bool *is_unsigned_big) const;
 
     std::string path_;
     int fd_ = -1;

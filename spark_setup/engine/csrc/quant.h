@@ -58,5 +58,8 @@ void cuda_dequant_rows(int type, const void *d_data, int64_t n_cols, int64_t r0,
                        cudaStream_t stream);
 void cuda_matvec(int type, const void *d_W, int64_t n_rows, int64_t n_cols, const float *d_x, float *d_y,
                  cudaStream_t stream);
+// Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,
+// copies y back, synchronizes. Throws ds4::Error(DS4_E_BACKEND) on a CUDA error or when no device is present.
+void cuda_matvec_host(int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y);
 }  // namespace ds4
 #endif
