@@ -153,9 +153,10 @@ def _guarded(name: str, fn: Callable[[], T], timeout: float, errors: dict[str, s
     return box.get("value")
 
 
-def _run(argv: list[str], timeout: float = CMD_TIMEOUT) -> str:
-    """Run a command, return stdout+stderr text; raises on failure (the guard turns that into a fact)."""
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def _run(argv: list[str], timeout: float | None = None) -> str:
+    """Run a command, return stdout+stderr text; raises on failure or timeout (the guard turns that into a fact)."""
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout or CMD_TIMEOUT,
+                         stdin=subprocess.DEVNULL)
     if out.returncode != 0:
         raise RuntimeError(f"{Path(argv[0]).name} exited {out.returncode}: {(out.stderr or out.stdout).strip()[:200]}")
     return out.stdout + out.stderr
