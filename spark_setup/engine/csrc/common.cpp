@@ -34,9 +34,9 @@ int set_error(int code, const char *fmt, ...) {
     va_start(ap, fmt);
     try {
         std::string s = vstrfmt(fmt, ap);
-        // One line: the ABI promises a single-line message.
+        // One printable line: the ABI promises a single-line message (names from a corrupt file may hold anything).
         for (char &c : s)
-            if (c == '\n' || c == '\r') c = ' ';
+            if ((unsigned char)c < 0x20 || c == 0x7f) c = '?';
         t_last_error = std::move(s);
     } catch (...) {
         t_last_error.clear();
