@@ -6,7 +6,7 @@ the DS4 pre-tokenizer (three isolating regex splits, then the GPT-2 byte-to-unic
 merging are the library's, not ours.
 
 Added ("special") tokens are every token BPE cannot produce: not one of the 256 byte symbols and not the result of
-any merge (or, when the file has `tokenizer.ggml.token_type`, the control / user-defined ones). They are matched by
+any merge (plus, when the file has `tokenizer.ggml.token_type`, the control / user-defined ones). They are matched by
 string in the input text and never split.
 
 Decoding works on bytes: each token maps to the bytes it stands for, and `StreamDecoder` turns a stream of ids into
@@ -120,11 +120,12 @@ class Tokenizer:
             pairs.append((left, right))
 
         alphabet = set(byte_to_unicode().values())
+        produced = alphabet | {a + b for a, b in pairs}
+        added = {i for i, t in enumerate(tokens) if t not in produced}
         if vocab.token_types is not None and len(vocab.token_types) == len(tokens):
-            added = [i for i, t in enumerate(vocab.token_types) if t in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)]
-        else:
-            produced = alphabet | {a + b for a, b in pairs}
-            added = [i for i, t in enumerate(tokens) if t not in produced]
+            # Files differ in how they type non-special added tokens (<｜User｜> is "normal" in some), so the
+            # types only add to what vocab + merges already tell.
+            added |= {i for i, t in enumerate(vocab.token_types) if t in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)}
         self.added_ids = frozenset(added)
 
         # Bytes each token stands for: added tokens are their UTF-8 text; BPE tokens map back through the table.
