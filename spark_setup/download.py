@@ -498,6 +498,7 @@ class Fetch:
         self.reporter, self.stop, self.reresolve = reporter, stop, reresolve
         self.size = pin.size
         self.lock = threading.Lock()
+        self.flush_lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.abort = threading.Event()  # internal: a fatal error or the switch to one sequential stream
         self.error: UserError | None = None
@@ -545,8 +546,17 @@ class Fetch:
                 out.append([a, b])
         return out
 
-    def flush(self) -> None:
-        """fdatasync the data, then atomically rewrite the sidecar with the ranges that data covers."""
+    def flush(self, covering: int | None = None) -> None:
+        """fdatasync the data, then atomically rewrite the sidecar with the ranges that data covers.
+
+        Workers call it with the chunk they just finished before taking the next one, so a kill at any moment
+        loses at most the one range in flight per connection."""
+        with self.flush_lock:
+            if covering is not None and covering in self.flushed:
+                return  # another connection's flush already recorded it
+            self._flush()
+
+    def _flush(self) -> None:
         with self.lock:
             done = set(self.done)
         try:
@@ -654,6 +664,7 @@ class Fetch:
             if self.stop.event.wait(delay):
                 return
         self._mark_done(idx)
+        self.flush(covering=idx)
 
     def _consume(self, r: httpx.Response, wid: int, idx: int, pos: int, end: int) -> int:
         code = r.status_code
@@ -929,7 +940,7 @@ def fetch_targets(settings: Settings, targets: list[Target], *, connections: int
     results: dict[str, dict[str, Any]] = {}
 
     def pin_applies(pin: Pin | None) -> bool:
-        return pin is not None and not repin and (revision is None or revision in (pin.revision, pin.commit))
+        return pin is not None and not repin and revision in (None, pin.commit)
 
     # 1. Nothing to do? No network, no hashing.
     todo = []
