@@ -1,0 +1,164 @@
+"""The server's real lifecycle under a real systemd (booted in a container, see tests/nspawn.py):
+`serve --enable` installs and starts the unit with the demo model; READY=1 only after the model loaded; /health
+200; kill -9 -> systemd restarts it; re-enable restarts in place (never a second server); `stop` -> clean exit;
+a missing model file -> ExecStartPre fails with a clear journal line; a foreign process on the port is reported
+with its PID; `uninstall` removes the unit and the service user.
+
+Needs root, systemd-nspawn and debootstrap (tools/test.sh installs them); the Debian root is cached under
+/var/cache/spark-setup (first run: about a minute of debootstrap)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import nspawn
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+UNIT = "spark-setup.service"
+PORT = 8000
+URL = f"http://127.0.0.1:{PORT}"
+CLI = str(Path(sys.executable).parent / "spark-setup")
+
+_why = nspawn.unavailable()
+if _why:
+    pytestmark.append(pytest.mark.skip(reason=_why))
+
+
+@pytest.fixture(scope="module")
+def box(engine_build):
+    root = nspawn.prepare_root()
+    scratch = Path(tempfile.mkdtemp(prefix="spark-setup-nspawn-", dir="/var/tmp"))
+    scratch.chmod(0o755)
+    c = nspawn.Container(root, [nspawn.REPO, *nspawn.python_home_binds()], [scratch], scratch / "boot.log")
+    c.scratch = scratch
+    c.prefix = scratch / "prefix"
+    c.env = {"DS4_ENGINE_LIB": str(engine_build.lib_path), "SPARK_SETUP_CONFIG": str(scratch / "none.toml")}
+    with c:
+        yield c
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def enable(box, timeout=300):
+    return box.run([CLI, "serve", "--enable", "--system", "--demo", "--prefix", str(box.prefix)], env=box.env,
+                   timeout=timeout)
+
+
+def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+def listeners(box, port: int) -> list[int]:
+    """PIDs listening on `port` inside the container."""
+    cp = box.run([sys.executable, "-c",
+                  "import psutil, json; print(json.dumps(sorted({c.pid for c in psutil.net_connections('inet') "
+                  f"if c.status == 'LISTEN' and c.laddr.port == {port}}})))"], check=True)
+    return json.loads(cp.stdout)
+
+
+def test_enable_ready_restart_stop(box):
+    # 1. serve --enable installs, starts and follows readiness to /health 200, then prints the URL.
+    cp = enable(box)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert f"ready: {URL}" in cp.stdout and "curl" in cp.stdout, cp.stdout
+    assert "created the system user spark-setup" in cp.stdout
+    props = box.show(UNIT, "ActiveState", "SubState", "MainPID", "StatusText", "NRestarts", "UnitFileState")
+    assert props["ActiveState"] == "active" and props["UnitFileState"] == "enabled", props
+    assert props["StatusText"].startswith("ready"), props  # the server's STATUS= reached systemd
+    pid = int(props["MainPID"])
+    assert box.run(["ps", "-o", "user=", "-p", str(pid)]).stdout.strip() == "spark-setup"
+    assert box.http_status(URL + "/health") == 200
+
+    # 2. READY=1 only after the model loaded: systemd logs "Started" after the server's "ready" line, and a
+    #    blocking restart returns only when /health already answers 200 (no retry).
+    journal = box.journal(UNIT)
+    ready_at = journal.find("ready: model")
+    started_at = journal.find("Started spark-setup.service")
+    assert 0 <= ready_at < started_at, journal[-3000:]
+    assert box.run(["systemctl", "restart", UNIT], timeout=300).returncode == 0
+    assert box.http_status(URL + "/health") == 200
+
+    # 3. kill -9 of the server: Restart=on-failure starts it again (after RestartSec=10).
+    pid = int(box.show(UNIT, "MainPID")["MainPID"])
+    restarts = int(box.show(UNIT, "NRestarts")["NRestarts"])
+    box.run(["kill", "-9", str(pid)], check=True)
+    props = wait_for(lambda: (p := box.show(UNIT, "ActiveState", "MainPID", "NRestarts"))
+                     and p["ActiveState"] == "active" and int(p["NRestarts"]) > restarts
+                     and int(p["MainPID"]) not in (0, pid) and p, 60, "the restart after kill -9")
+    assert wait_for(lambda: box.http_status(URL + "/health") == 200, 60, "/health 200 after the restart")
+    assert "Scheduled restart job" in box.journal(UNIT)
+
+    # 4. status sees it.
+    cp = box.run([CLI, "status", "--json", "--prefix", str(box.prefix)], env=box.env)
+    st = json.loads(cp.stdout)
+    assert st["mode"] == "system" and st["healthy"] and st["pid"] == int(props["MainPID"]), st
+    assert st["uptime_s"] is not None and st["model"]
+
+    # 5. enabling again restarts in place: unchanged files, still exactly one listener on the port.
+    cp = enable(box)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "unchanged" in cp.stdout and "restarted the system unit" in cp.stdout, cp.stdout
+    assert len(listeners(box, PORT)) == 1
+
+    # 6. stop: a clean exit (no failure recorded).
+    cp = box.run([CLI, "stop", "--prefix", str(box.prefix)], env=box.env)
+    assert cp.returncode == 0 and "stopped system unit" in cp.stdout, cp.stdout + cp.stderr
+    props = box.show(UNIT, "ActiveState", "Result", "ExecMainStatus")
+    assert props["ActiveState"] == "inactive" and props["Result"] == "success", props
+    assert box.http_status(URL + "/health") is None
+
+
+def test_missing_model_fails_in_execstartpre_with_a_clear_line(box):
+    env_file = Path("/etc/spark-setup/server.env")
+    cp = box.run(["sed", "-i", "s|^SPARK_SETUP_MODEL=.*|SPARK_SETUP_MODEL=/nonexistent/gone.gguf|", str(env_file)])
+    assert cp.returncode == 0, cp.stderr
+    box.run(["systemctl", "reset-failed", UNIT])
+    cp = box.run(["systemctl", "start", UNIT], timeout=120)
+    assert cp.returncode != 0
+    journal = box.journal(UNIT)
+    assert "spark-setup: model file /nonexistent/gone.gguf is missing or unreadable" in journal, journal[-2000:]
+    assert "run spark-setup download" in journal
+    assert box.show(UNIT, "ActiveState")["ActiveState"] in ("failed", "activating")  # activating = auto-restart
+    box.run(["systemctl", "stop", UNIT])
+    box.run(["systemctl", "reset-failed", UNIT])
+
+
+def test_foreign_process_on_the_port_is_reported_not_killed(box):
+    squatter = box.popen([sys.executable, "-m", "http.server", str(PORT), "--bind", "127.0.0.1"])
+    try:
+        pids = wait_for(lambda: listeners(box, PORT), 20, "the squatter to listen")
+        cp = enable(box)
+        assert cp.returncode == 1, cp.stdout + cp.stderr
+        msg = cp.stdout + cp.stderr
+        assert re.search(rf"port {PORT} is in use by PID {pids[0]}\b", msg), msg
+        assert squatter.poll() is None  # left alone
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+
+
+def test_uninstall_removes_unit_and_user(box):
+    cp = enable(box)  # back to a running, healthy unit first
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    cp = box.run([CLI, "uninstall", "--yes", "--prefix", str(box.prefix)], env=box.env, timeout=300)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "/etc/systemd/system/spark-setup.service" in cp.stdout and "system user spark-setup" in cp.stdout
+    assert box.show(UNIT, "LoadState")["LoadState"] == "not-found"
+    assert box.run(["getent", "passwd", "spark-setup"]).returncode != 0
+    assert box.run(["test", "-e", "/etc/spark-setup/server.env"]).returncode != 0
+    assert box.http_status(URL + "/health") is None
