@@ -1,107 +1,45 @@
 """CPU quant kernels (csrc/cpu/quant.cpp) against the `gguf` package's dequantizers and a float64 reference.
 
-Also the random *valid* block generator shared with the GPU tests (tests/test_quant_cuda.py, tools/gpu_check.sh).
-
-Valid = every f16 scale is finite (NaN/inf scales are not something a quantizer writes). Extreme scales (largest
-f16, smallest subnormal, zero, negative zero, negative values) are mixed in; IQ2_XXS blocks cover every grid index,
-every sign pattern and every 4-bit scale.
+The random valid block generator lives in tools/gpu_check.py (it also runs on the GPU machine without pytest).
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 import gguf
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from spark_setup.engine import _lib
 
-TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "Q8_0": T.Q8_0, "Q2_K": T.Q2_K, "Q4_K": T.Q4_K,
-         "IQ2_XXS": T.IQ2_XXS}
-EXTREME_F16 = np.array([65504.0, -65504.0, 6e-8, -6e-8, 0.0, -0.0, 6.1e-5, 1.0, -1.0, 1e-3], dtype=np.float16)
-
-
-def _scales(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n finite f16 scales as raw uint16: mostly ordinary magnitudes, some extremes."""
-    s = (rng.standard_normal(n) * np.exp(rng.uniform(-8, 3, n))).astype(np.float16)
-    pick = rng.random(n) < 0.2
-    s[pick] = rng.choice(EXTREME_F16, size=int(pick.sum()))
-    s[:len(EXTREME_F16)][: n] = EXTREME_F16[: n]
-    assert np.isfinite(s).all()
-    return s.view(np.uint16)
-
-
-def _finite_halfwords(rng: np.random.Generator, n: int, bf16: bool) -> np.ndarray:
-    v = rng.integers(0, 1 << 16, size=n, dtype=np.uint32).astype(np.uint16)
-    exp_mask = 0x7F80 if bf16 else 0x7C00
-    bad = (v & exp_mask) == exp_mask
-    v[bad] &= ~np.uint16(0x4000)  # clear one exponent bit: finite
-    return v
-
-
-def random_matrix(type_name: str, n_rows: int, n_cols: int, seed: int = 0, bounded: bool = False) -> np.ndarray:
-    """Raw bytes (uint8 [n_rows, row_bytes]) of a random valid matrix of the given type.
-
-    bounded=True keeps F32/BF16 magnitudes moderate so that a matvec cannot overflow (the quant types' values are
-    bounded by their format)."""
-    rng = np.random.default_rng(seed)
-    qt = TYPES[type_name]
-    bs, ts = GGML_QUANT_SIZES[qt]
-    assert n_cols % bs == 0
-    nb = n_rows * n_cols // bs
-    if bounded and type_name in ("F32", "BF16"):
-        v = (rng.standard_normal(n_rows * n_cols) * np.exp(rng.uniform(-6, 6, n_rows * n_cols))).astype(np.float32)
-        if type_name == "BF16":
-            return (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(n_rows, -1)
-        return v.view(np.uint8).reshape(n_rows, -1)
-    if type_name == "F32":
-        v = (rng.standard_normal(n_rows * n_cols) * np.exp(rng.uniform(-20, 20, n_rows * n_cols))).astype(np.float32)
-        v[:4] = [3.4e38, -3.4e38, 1e-45, -0.0]
-        return v.view(np.uint8).reshape(n_rows, -1)
-    if type_name in ("F16", "BF16"):
-        return _finite_halfwords(rng, n_rows * n_cols, type_name == "BF16").view(np.uint8).reshape(n_rows, -1)
-    blocks = rng.integers(0, 256, size=(nb, ts), dtype=np.uint8)
-    if type_name == "Q8_0":
-        blocks[:, 0:2] = _scales(rng, nb).view(np.uint8).reshape(nb, 2)
-        blocks[0, 2:34] = np.array([-128, 127] * 16, dtype=np.int8).view(np.uint8)
-    elif type_name == "Q2_K":
-        blocks[:, 80:82] = _scales(rng, nb).view(np.uint8).reshape(nb, 2)
-        blocks[:, 82:84] = _scales(rng, nb).view(np.uint8).reshape(nb, 2)
-    elif type_name == "Q4_K":
-        blocks[:, 0:2] = _scales(rng, nb).view(np.uint8).reshape(nb, 2)
-        blocks[:, 2:4] = _scales(rng, nb).view(np.uint8).reshape(nb, 2)
-    elif type_name == "IQ2_XXS":
-        blocks[:, 0:2] = _scales(rng, nb).view(np.uint8).reshape(nb, 2)
-        groups = blocks[:, 2:].reshape(nb * 8, 8)
-        n_groups = nb * 8
-        # grid indices 0..255 in order (4 per group), then random
-        idx = np.concatenate([np.arange(256), rng.integers(0, 256, size=max(0, 4 * n_groups - 256))])[: 4 * n_groups]
-        groups[:, 0:4] = idx.reshape(n_groups, 4).astype(np.uint8)
-        # sign indices 0..127 in order (4 per group), scales 0..15 cycling
-        sidx = np.concatenate([np.arange(128), rng.integers(0, 128, size=max(0, 4 * n_groups - 128))])[: 4 * n_groups]
-        sidx = sidx.reshape(n_groups, 4).astype(np.uint32)
-        word = sidx[:, 0] | (sidx[:, 1] << 7) | (sidx[:, 2] << 14) | (sidx[:, 3] << 21)
-        word |= (np.arange(n_groups, dtype=np.uint32) % 16) << 28
-        groups[:, 4:8] = word.astype("<u4").view(np.uint8).reshape(n_groups, 4)
-        blocks[:, 2:] = groups.reshape(nb, 64)
-    return blocks.reshape(n_rows, -1)
-
-
-def reference_dequant(type_name: str, raw: np.ndarray, n_cols: int) -> np.ndarray:
-    """gguf-py's dequantization as float32 [n_rows, n_cols]."""
-    out = gguf.quants.dequantize(raw, TYPES[type_name])
-    return np.asarray(out, dtype=np.float32).reshape(raw.shape[0], n_cols)
-
-
-# ---- tests --------------------------------------------------------------------------------------------------------
-
-import ctypes  # noqa: E402
-
-import pytest  # noqa: E402
-
-from spark_setup.engine import _lib  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from gpu_check import QUANT_SIZES, SHAPES, TYPES, matvec_error, random_matrix, reference_dequant  # noqa: E402
 
 P_float = ctypes.POINTER(ctypes.c_float)
-SHAPES = {"F32": 96, "F16": 96, "BF16": 96, "Q8_0": 256, "Q2_K": 512, "Q4_K": 512, "IQ2_XXS": 512}
 
+
+def test_local_type_table_matches_gguf():
+    for name, tid in TYPES.items():
+        assert T[name] == tid
+        assert tuple(GGML_QUANT_SIZES[T(tid)]) == QUANT_SIZES[tid]
+
+
+def test_iq2xxs_grid_header_matches_gguf():
+    from gguf.quants import IQ2_XXS
+
+    IQ2_XXS.init_grid()
+    grid = IQ2_XXS.grid.reshape(256, 8).astype(np.uint8)
+    text = (Path(_lib.__file__).parent / "csrc" / "iq2xxs_grid.h").read_text()
+    import re
+
+    vals = [int(v, 16) for v in re.findall(r"0x([0-9a-f]{16})ull", text)]
+    assert vals == [int.from_bytes(bytes(r), "little") for r in grid]
+    ks = IQ2_XXS.ksigns
+    assert all(ks[i] == (i | ((bin(i).count("1") & 1) << 7)) for i in range(128))  # the parity rule in the header
 
 @pytest.fixture(scope="module")
 def lib(engine_lib):
@@ -128,15 +66,6 @@ def engine_matvec(lib, type_name, raw, n_cols, x, backend=_lib.BACKEND_CPU):
     _lib.check(lib, lib.ds4_matvec(backend, int(TYPES[type_name]), raw.ctypes.data, raw.shape[0], n_cols, _f32p(x),
                                    _f32p(y)))
     return y
-
-
-def matvec_error(raw_f32: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
-    """max |y - y64| / (|W| @ |x|): error relative to the magnitude of the products being summed."""
-    w64 = raw_f32.astype(np.float64)
-    x64 = x.astype(np.float64)
-    ref = w64 @ x64
-    scale = np.abs(w64) @ np.abs(x64)
-    return float(np.max(np.abs(y.astype(np.float64) - ref) / np.maximum(scale, 1e-300)))
 
 
 @pytest.mark.parametrize("type_name", list(TYPES))

@@ -64,6 +64,7 @@ PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "ds4_gguf_tensor_data": (c_void_p, [c_void_p, _P(TensorInfo)]),
     "ds4_row_bytes": (c_size_t, [c_int, c_int64]),
     "ds4_dequantize": (c_int, [c_int, c_void_p, c_int64, c_int64, c_int64, c_int64, P_float]),
+    "ds4_dequantize_backend": (c_int, [c_int, c_int, c_void_p, c_int64, c_int64, c_int64, c_int64, P_float]),
     "ds4_matvec": (c_int, [c_int, c_int, c_void_p, c_int64, c_int64, P_float, P_float]),
     "ds4_model_open": (c_int, [c_char_p, c_int, _P(c_void_p)]),
     "ds4_model_free": (None, [c_void_p]),

@@ -139,6 +139,25 @@ int ds4_dequantize(int type, const void *data, int64_t n_rows, int64_t n_cols, i
     });
 }
 
+int ds4_dequantize_backend(int backend, int type, const void *data, int64_t n_rows, int64_t n_cols,
+                           int64_t row_begin, int64_t row_end, float *out) {
+    if (backend == DS4_BACKEND_CPU) return ds4_dequantize(type, data, n_rows, n_cols, row_begin, row_end, out);
+    return ds4::guard([&] {
+        DS4_CHECK_ARG(data != nullptr && out != nullptr, "ds4_dequantize_backend: NULL pointer");
+        DS4_CHECK_ARG(0 <= row_begin && row_begin <= row_end && row_end <= n_rows,
+                      "ds4_dequantize_backend: row range [%lld, %lld) outside [0, %lld)", (long long)row_begin,
+                      (long long)row_end, (long long)n_rows);
+        if (backend != DS4_BACKEND_CUDA) ds4::fail(DS4_E_ARG, "unknown backend %d", backend);
+#ifdef DS4_WITH_CUDA
+        ds4::cuda_dequant_host(type, data, n_cols, row_begin, row_end, out);
+#else
+        (void)type;
+        ds4::fail(DS4_E_BACKEND, "this engine was built without CUDA (rebuild with spark-setup build --arch auto)");
+#endif
+        return (int)DS4_OK;
+    });
+}
+
 int ds4_matvec(int backend, int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y) {
     return ds4::guard([&] {
         DS4_CHECK_ARG(W != nullptr && x != nullptr && y != nullptr, "ds4_matvec: NULL pointer");

@@ -71,6 +71,10 @@ size_t ds4_row_bytes(int type, int64_t n_cols);
 /* Dequantize rows [row_begin, row_end) of a row-major [n_rows x n_cols] matrix into out (f32, row-major). */
 int ds4_dequantize(int type, const void *data, int64_t n_rows, int64_t n_cols,
                    int64_t row_begin, int64_t row_end, float *out);
+/* Same on a backend: DS4_BACKEND_CPU is ds4_dequantize; DS4_BACKEND_CUDA copies the rows to the device, runs the
+ * CUDA dequantizer and copies the result back (both agree with the gguf reference to the bit). */
+int ds4_dequantize_backend(int backend, int type, const void *data, int64_t n_rows, int64_t n_cols,
+                           int64_t row_begin, int64_t row_end, float *out);
 /* y[r] = sum_c W[r,c] * x[c] with f32 accumulation. Host pointers; with DS4_BACKEND_CUDA the library copies
  * to the device, runs the CUDA kernel and copies back (timing-free correctness entry point). */
 int ds4_matvec(int backend, int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y);

@@ -58,8 +58,26 @@ void cuda_dequant_rows(int type, const void *d_data, int64_t n_cols, int64_t r0,
                        cudaStream_t stream);
 void cuda_matvec(int type, const void *d_W, int64_t n_rows, int64_t n_cols, const float *d_x, float *d_y,
                  cudaStream_t stream);
+// Routed-expert matvec in one launch (the MoE decode step): for m < n_mats (1 or 2, e.g. gate and up), e < n_ids,
+// r < n_rows: d_y[m][e * n_rows + r] = W_m[d_ids[e]] row r . (d_x + e * x_stride), where expert k of W_m starts at
+// d_W[m] + k * expert_stride bytes. x_stride = 0 shares one input (gate/up); x_stride = n_cols gives each expert
+// its own input (down). d_ids lives on the device (the router writes it).
+struct ExpertMatvec {
+    const void *W[2] = {nullptr, nullptr};
+    float *y[2] = {nullptr, nullptr};
+    int n_mats = 1;
+    int64_t expert_stride = 0;  // bytes
+    int64_t n_rows = 0, n_cols = 0;
+    const int32_t *ids = nullptr;
+    int n_ids = 0;
+    const float *x = nullptr;
+    int64_t x_stride = 0;  // floats
+};
+void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
 // Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,
 // copies y back, synchronizes. Throws ds4::Error(DS4_E_BACKEND) on a CUDA error or when no device is present.
 void cuda_matvec_host(int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y);
+// Host-memory convenience for cuda_dequant_rows: `data` points at row 0; rows [r0, r1) go to out.
+void cuda_dequant_host(int type, const void *data, int64_t n_cols, int64_t r0, int64_t r1, float *out);
 }  // namespace ds4
 #endif

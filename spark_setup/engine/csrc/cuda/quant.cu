@@ -1,0 +1,602 @@
+// cuda/quant.cu: the GPU twins of cpu/quant.cpp (same block formats, ds4-model-facts.md section F).
+//
+// Matvec is written for decode, where it is a pure stream over the weights:
+//  - one warp per output row, several warps per block, persistent grid sized to fill every SM;
+//  - the weights of a row are read in tiles of a whole number of quant blocks whose size is also a multiple of
+//    16 bytes, with coalesced 16-byte loads (lane i loads chunks i, i+32, ...) into a per-warp shared-memory
+//    tile (quant blocks are 34/66/84 bytes: unaligned for direct vector loads), then each lane decodes its blocks
+//    from shared memory and multiplies with x (float4 loads through the read-only cache);
+//  - the next tile (of the same or the warp's next row) is loaded into registers before the current one is
+//    decoded, so every warp keeps a tile of loads in flight while it computes.
+// Dequantization uses the exact operation order of the reference (with __fmul_rn/__fsub_rn: no FMA contraction)
+// so that GPU and CPU dequantization agree to the bit.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+
+#include "common.h"
+#include "iq2xxs_grid.h"
+#include "quant.h"
+
+namespace ds4 {
+
+namespace {
+
+#define DS4_CUDA_CHECK(expr)                                                                                   \
+    do {                                                                                                       \
+        cudaError_t err_ = (expr);                                                                             \
+        if (err_ != cudaSuccess) fail(DS4_E_BACKEND, "CUDA error in %s: %s", #expr, cudaGetErrorString(err_)); \
+    } while (0)
+
+constexpr int kWarps = 8;  // warps (rows in flight) per block
+
+__device__ const uint64_t d_iq2xxs_grid[256] = {DS4_IQ2XXS_GRID_VALUES};
+
+__device__ __forceinline__ float ld_half(const uint8_t *p) {
+    return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float4 ldx4(const float *p) { return __ldg(reinterpret_cast<const float4 *>(p)); }
+
+// ---- per-type tile geometry and lane decode+dot ----------------------------------------------------------------
+
+template <int T>
+struct Q;
+
+// Q8_0: 34-byte blocks of 32; tile = 32 blocks (1088 B = 68 chunks); lane = one block.
+template <>
+struct Q<DS4_TYPE_Q8_0> {
+    static constexpr int BB = 34, BV = 32, BPT = 32;
+    __device__ static float dot(const uint8_t *tile, int lane, int nvalid, const float *x, const uint64_t *) {
+        if (lane >= nvalid) return 0.0f;
+        const uint8_t *p = tile + BB * lane;
+        const float d = ld_half(p);
+        const unsigned short *q2 = reinterpret_cast<const unsigned short *>(p + 2);
+        const float *xb = x + BV * lane;
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float4 xv = ldx4(xb + 4 * i);
+            const unsigned short a = q2[2 * i], b = q2[2 * i + 1];
+            s = fmaf((float)(int8_t)(a & 0xff), xv.x, s);
+            s = fmaf((float)(int8_t)(a >> 8), xv.y, s);
+            s = fmaf((float)(int8_t)(b & 0xff), xv.z, s);
+            s = fmaf((float)(int8_t)(b >> 8), xv.w, s);
+        }
+        return s * d;
+    }
+};
+
+// Q2_K: 84-byte blocks of 256; tile = 8 blocks (672 B = 42 chunks); lane = a quarter block (64 values).
+template <>
+struct Q<DS4_TYPE_Q2_K> {
+    static constexpr int BB = 84, BV = 256, BPT = 8;
+    __device__ static float dot(const uint8_t *tile, int lane, int nvalid, const float *x, const uint64_t *) {
+        const int b = lane >> 2, sub = lane & 3;
+        if (b >= nvalid) return 0.0f;
+        const uint8_t *p = tile + BB * b;
+        const float d = ld_half(p + 80), dmin = ld_half(p + 82);
+        const int half = sub >> 1;
+        const uint32_t *qs = reinterpret_cast<const uint32_t *>(p + 16 + 32 * half);
+        float acc = 0.0f;
+#pragma unroll
+        for (int jj = 0; jj < 2; jj++) {
+            const int j = 2 * (sub & 1) + jj;
+#pragma unroll
+            for (int h16 = 0; h16 < 2; h16++) {  // two 16-value sub-blocks, each with its own scale/min
+                const uint8_t sc = p[8 * half + 2 * j + h16];
+                const float *xb = x + BV * b + 128 * half + 32 * j + 16 * h16;
+                float sq = 0.0f, sx = 0.0f;
+#pragma unroll
+                for (int w = 0; w < 4; w++) {
+                    const uint32_t q4 = qs[4 * h16 + w] >> (2 * j);
+                    const float4 xv = ldx4(xb + 4 * w);
+                    sq = fmaf((float)(q4 & 3), xv.x, sq);
+                    sq = fmaf((float)((q4 >> 8) & 3), xv.y, sq);
+                    sq = fmaf((float)((q4 >> 16) & 3), xv.z, sq);
+                    sq = fmaf((float)((q4 >> 24) & 3), xv.w, sq);
+                    sx += (xv.x + xv.y) + (xv.z + xv.w);
+                }
+                acc = fmaf(d * (float)(sc & 15), sq, acc);
+                acc = fmaf(-dmin * (float)(sc >> 4), sx, acc);
+            }
+        }
+        return acc;
+    }
+};
+
+__device__ __forceinline__ void q4k_scale_min(const uint8_t *s, int sb, float *sc, float *mn) {
+    if (sb < 4) {
+        *sc = (float)(s[sb] & 63);
+        *mn = (float)(s[sb + 4] & 63);
+    } else {
+        *sc = (float)((s[sb + 4] & 15) | ((s[sb - 4] >> 6) << 4));
+        *mn = (float)((s[sb + 4] >> 4) | ((s[sb] >> 6) << 4));
+    }
+}
+
+// Q4_K: 144-byte blocks of 256; tile = 8 blocks (1152 B = 72 chunks); lane = a quarter block (2 sub-blocks).
+template <>
+struct Q<DS4_TYPE_Q4_K> {
+    static constexpr int BB = 144, BV = 256, BPT = 8;
+    __device__ static float dot(const uint8_t *tile, int lane, int nvalid, const float *x, const uint64_t *) {
+        const int b = lane >> 2, c = lane & 3;
+        if (b >= nvalid) return 0.0f;
+        const uint8_t *p = tile + BB * b;
+        const float d = ld_half(p), dmin = ld_half(p + 2);
+        float sc0, mn0, sc1, mn1;
+        q4k_scale_min(p + 4, 2 * c, &sc0, &mn0);
+        q4k_scale_min(p + 4, 2 * c + 1, &sc1, &mn1);
+        const uint32_t *qs = reinterpret_cast<const uint32_t *>(p + 16 + 32 * c);
+        const float *xb = x + BV * b + 64 * c;
+        float s0 = 0.0f, x0 = 0.0f, s1 = 0.0f, x1 = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 8; w++) {
+            const uint32_t q = qs[w];
+            const float4 a = ldx4(xb + 4 * w), h = ldx4(xb + 32 + 4 * w);
+            s0 = fmaf((float)(q & 15), a.x, s0);
+            s0 = fmaf((float)((q >> 8) & 15), a.y, s0);
+            s0 = fmaf((float)((q >> 16) & 15), a.z, s0);
+            s0 = fmaf((float)((q >> 24) & 15), a.w, s0);
+            s1 = fmaf((float)((q >> 4) & 15), h.x, s1);
+            s1 = fmaf((float)((q >> 12) & 15), h.y, s1);
+            s1 = fmaf((float)((q >> 20) & 15), h.z, s1);
+            s1 = fmaf((float)((q >> 28) & 15), h.w, s1);
+            x0 += (a.x + a.y) + (a.z + a.w);
+            x1 += (h.x + h.y) + (h.z + h.w);
+        }
+        float acc = d * sc0 * s0 - dmin * mn0 * x0;
+        return acc + (d * sc1 * s1 - dmin * mn1 * x1);
+    }
+};
+
+// IQ2_XXS: 66-byte blocks of 256; tile = 16 blocks (1056 B = 66 chunks); lane = half a block (4 groups of 32).
+template <>
+struct Q<DS4_TYPE_IQ2_XXS> {
+    static constexpr int BB = 66, BV = 256, BPT = 16;
+    __device__ static float dot(const uint8_t *tile, int lane, int nvalid, const float *x, const uint64_t *grid) {
+        const int b = lane >> 1, g0 = 4 * (lane & 1);
+        if (b >= nvalid) return 0.0f;
+        const uint8_t *p = tile + BB * b;
+        const float d = ld_half(p);
+        const unsigned short *u = reinterpret_cast<const unsigned short *>(p + 2);
+        float acc = 0.0f;
+#pragma unroll
+        for (int g = g0; g < g0 + 4; g++) {
+            const uint32_t w0 = (uint32_t)u[4 * g] | ((uint32_t)u[4 * g + 1] << 16);
+            const uint32_t w1 = (uint32_t)u[4 * g + 2] | ((uint32_t)u[4 * g + 3] << 16);
+            const float *xg = x + BV * b + 32 * g;
+            float s = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const uint64_t gv = grid[(w0 >> (8 * k)) & 0xff];
+                const uint32_t sbits = iq2xxs_sign_byte((w1 >> (7 * k)) & 127u);
+                const float4 xa = ldx4(xg + 8 * k), xb = ldx4(xg + 8 * k + 4);
+                const float xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    const float v = (float)((gv >> (8 * e)) & 0xff);
+                    s = fmaf((sbits >> e) & 1 ? -v : v, xs[e], s);
+                }
+            }
+            acc = fmaf(d * (0.5f + (float)(w1 >> 28)) * 0.25f, s, acc);
+        }
+        return acc;
+    }
+};
+
+// ---- row maps: which weights / input / output a global row index stands for -----------------------------------
+
+struct PlainRows {
+    const uint8_t *W;
+    size_t rb;
+    const float *x;
+    float *y;
+    __device__ const uint8_t *row(int64_t g) const { return W + (size_t)g * rb; }
+    __device__ const float *xin(int64_t) const { return x; }
+    __device__ float *out(int64_t g) const { return y + g; }
+};
+
+struct ExpertRows {
+    const uint8_t *W0, *W1;
+    float *y0, *y1;
+    int64_t stride, n_rows, per_mat, x_stride;
+    size_t rb;
+    const int32_t *ids;
+    const float *x;
+    __device__ const uint8_t *row(int64_t g) const {
+        const int m = g >= per_mat;
+        const int64_t rem = g - (m ? per_mat : 0);
+        const int64_t e = rem / n_rows, r = rem - e * n_rows;
+        return (m ? W1 : W0) + (size_t)ids[e] * (size_t)stride + (size_t)r * rb;
+    }
+    __device__ const float *xin(int64_t g) const {
+        const int64_t rem = g >= per_mat ? g - per_mat : g;
+        return x + (rem / n_rows) * x_stride;
+    }
+    __device__ float *out(int64_t g) const { return g >= per_mat ? y1 + (g - per_mat) : y0 + g; }
+};
+
+// ---- the quantized matvec kernel -------------------------------------------------------------------------------
+
+template <int T, bool ALIGNED, class Rows>
+__global__ void __launch_bounds__(32 * kWarps) matvec_q(Rows rows, int64_t total_rows, int nblocks) {
+    using QT = Q<T>;
+    constexpr int TB = QT::BB * QT::BPT;  // tile bytes
+    constexpr int CH = TB / 16;            // 16-byte chunks per tile
+    constexpr int NL = (CH + 31) / 32;     // loads per lane
+    static_assert(TB % 16 == 0, "tile must be a whole number of 16-byte chunks");
+
+    __shared__ uint4 tiles[kWarps][CH];
+    __shared__ uint64_t grid_s[T == DS4_TYPE_IQ2_XXS ? 256 : 1];
+    if (T == DS4_TYPE_IQ2_XXS) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_s[i] = d_iq2xxs_grid[i];
+        __syncthreads();
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t warp_id = (int64_t)blockIdx.x * kWarps + warp, n_warps = (int64_t)gridDim.x * kWarps;
+    const int tiles_per_row = (nblocks + QT::BPT - 1) / QT::BPT;
+    uint8_t *tile = reinterpret_cast<uint8_t *>(tiles[warp]);
+
+    // Work items of this warp: (row = warp_id + k * n_warps, tile t) in row-major order.
+    int64_t r = warp_id;
+    int t = 0;
+    if (r >= total_rows) return;
+    uint4 reg[NL];
+#pragma unroll
+    for (int k = 0; k < NL; k++) reg[k] = make_uint4(0, 0, 0, 0);
+    auto load = [&](int64_t rr, int tt) {
+        const uint8_t *src = rows.row(rr) + (size_t)tt * TB;
+        const int valid = min(QT::BPT, nblocks - tt * QT::BPT) * QT::BB;
+#pragma unroll
+        for (int k = 0; k < NL; k++) {
+            const int c = lane + 32 * k;
+            if (ALIGNED) {
+                if (c < CH && 16 * c < valid) reg[k] = __ldg(reinterpret_cast<const uint4 *>(src) + c);
+            } else if (c < CH) {
+                uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int i = 0; i < 16; i++)
+                    if (16 * c + i < valid) w[i / 4] |= (uint32_t)__ldg(src + 16 * c + i) << (8 * (i % 4));
+                reg[k] = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
+    };
+    load(r, t);
+    float acc = 0.0f;
+    while (true) {
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < NL; k++) {
+            const int c = lane + 32 * k;
+            if (c < CH) tiles[warp][c] = reg[k];
+        }
+        __syncwarp();
+        // next work item, prefetched while this tile is decoded
+        int64_t nr = r;
+        int nt = t + 1;
+        if (nt == tiles_per_row) {
+            nr = r + n_warps;
+            nt = 0;
+        }
+        if (nr < total_rows) load(nr, nt);
+        const int nvalid = min(QT::BPT, nblocks - t * QT::BPT);
+        acc += QT::dot(tile, lane, nvalid, rows.xin(r) + (int64_t)t * QT::BPT * QT::BV, grid_s);
+        if (nt == 0) {
+            acc = warp_sum(acc);
+            if (lane == 0) *rows.out(r) = acc;
+            acc = 0.0f;
+        }
+        if (nr >= total_rows) break;
+        r = nr;
+        t = nt;
+    }
+}
+
+// F32 / F16 / BF16: rows are plain arrays: direct 16-byte loads (4 floats or 8 halves per lane per step).
+template <int T>
+__device__ __forceinline__ float dot16(uint4 w, const float *x) {
+    const float4 a = ldx4(x);
+    if (T == DS4_TYPE_F32) {
+        return __uint_as_float(w.x) * a.x + __uint_as_float(w.y) * a.y + __uint_as_float(w.z) * a.z +
+               __uint_as_float(w.w) * a.w;
+    } else {
+        const float4 b = ldx4(x + 4);
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+        const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float lo, hi;
+            if (T == DS4_TYPE_F16) {
+                lo = __half2float(__ushort_as_half((unsigned short)(ws[i] & 0xffff)));
+                hi = __half2float(__ushort_as_half((unsigned short)(ws[i] >> 16)));
+            } else {
+                lo = __uint_as_float(ws[i] << 16);
+                hi = __uint_as_float(ws[i] & 0xffff0000u);
+            }
+            s = fmaf(lo, xs[2 * i], s);
+            s = fmaf(hi, xs[2 * i + 1], s);
+        }
+        return s;
+    }
+}
+
+template <int T, bool ALIGNED, class Rows>
+__global__ void __launch_bounds__(32 * kWarps) matvec_f(Rows rows, int64_t total_rows, int64_t n_cols) {
+    constexpr int ES = T == DS4_TYPE_F32 ? 4 : 2;  // element size
+    constexpr int EPC = 16 / ES;                     // elements per 16-byte chunk
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t n_warps = (int64_t)gridDim.x * kWarps;
+    for (int64_t r = (int64_t)blockIdx.x * kWarps + warp; r < total_rows; r += n_warps) {
+        const uint8_t *w = rows.row(r);
+        const float *x = rows.xin(r);
+        float acc = 0.0f;
+        const int64_t n_chunks = ALIGNED ? n_cols / EPC : 0;
+        for (int64_t c = lane; c < n_chunks; c += 32) acc += dot16<T>(__ldg(reinterpret_cast<const uint4 *>(w) + c), x + c * EPC);
+        for (int64_t i = n_chunks * EPC + lane; i < n_cols; i += 32) {  // tail (or everything when unaligned)
+            float v;
+            if (T == DS4_TYPE_F32) {
+                uint32_t u = 0;
+                for (int k = 0; k < 4; k++) u |= (uint32_t)__ldg(w + 4 * i + k) << (8 * k);
+                v = __uint_as_float(u);
+            } else {
+                const unsigned short h = (unsigned short)(__ldg(w + 2 * i) | (__ldg(w + 2 * i + 1) << 8));
+                v = T == DS4_TYPE_F16 ? __half2float(__ushort_as_half(h)) : __uint_as_float((uint32_t)h << 16);
+            }
+            acc = fmaf(v, __ldg(x + i), acc);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) *rows.out(r) = acc;
+    }
+}
+
+int sm_count() {
+    static int n = 0;
+    static std::once_flag once;
+    std::call_once(once, [] {
+        int dev = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+            n = 0;
+    });
+    return n > 0 ? n : 16;
+}
+
+// Blocks for a persistent launch: enough to fill every SM at the kernel's occupancy, fewer for small matrices.
+template <class K>
+int grid_for(K kernel, int64_t total_rows) {
+    static int per_sm = 0;  // one per kernel instantiation
+    if (per_sm == 0) {
+        int n = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 32 * kWarps, 0) != cudaSuccess || n < 1) n = 1;
+        per_sm = n;
+    }
+    const int64_t want = (total_rows + kWarps - 1) / kWarps;
+    return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * per_sm));
+}
+
+template <int T, bool AL, class Rows>
+void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
+    auto k = matvec_q<T, AL, Rows>;
+    k<<<grid_for(k, total), 32 * kWarps, 0, s>>>(rows, total, (int)(n_cols / Q<T>::BV));
+}
+
+template <int T, bool AL, class Rows>
+void launch_f(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
+    auto k = matvec_f<T, AL, Rows>;
+    k<<<grid_for(k, total), 32 * kWarps, 0, s>>>(rows, total, n_cols);
+}
+
+template <bool AL, class Rows>
+void launch_type(int type, const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
+    switch (type) {
+        case DS4_TYPE_Q8_0: launch_q<DS4_TYPE_Q8_0, AL>(rows, total, n_cols, s); break;
+        case DS4_TYPE_Q2_K: launch_q<DS4_TYPE_Q2_K, AL>(rows, total, n_cols, s); break;
+        case DS4_TYPE_Q4_K: launch_q<DS4_TYPE_Q4_K, AL>(rows, total, n_cols, s); break;
+        case DS4_TYPE_IQ2_XXS: launch_q<DS4_TYPE_IQ2_XXS, AL>(rows, total, n_cols, s); break;
+        case DS4_TYPE_F32: launch_f<DS4_TYPE_F32, AL>(rows, total, n_cols, s); break;
+        case DS4_TYPE_F16: launch_f<DS4_TYPE_F16, AL>(rows, total, n_cols, s); break;
+        case DS4_TYPE_BF16: launch_f<DS4_TYPE_BF16, AL>(rows, total, n_cols, s); break;
+        default: fail(DS4_E_ARG, "CUDA matvec does not support type %d (%s)", type, type_name(type));
+    }
+    DS4_CUDA_CHECK(cudaGetLastError());
+}
+
+void check_cols(int type, int64_t n_cols, const char *what) {
+    if (!kernel_type_supported(type))
+        fail(DS4_E_ARG, "%s: quant kernels do not support type %d (%s)", what, type, type_name(type));
+    if (n_cols <= 0 || n_cols % block_size(type) != 0 || n_cols > (int64_t)1 << 30)
+        fail(DS4_E_ARG, "%s: %lld columns is not a positive multiple of the %s block size %lld", what,
+             (long long)n_cols, type_name(type), (long long)block_size(type));
+}
+
+// ---- dequantization (exact reference arithmetic) ---------------------------------------------------------------
+
+__device__ void deq_block(int type, const uint8_t *b, float *out) {
+    switch (type) {
+        case DS4_TYPE_Q8_0: {
+            const float d = ld_half(b);
+            for (int i = 0; i < 32; i++) out[i] = __fmul_rn((float)(int8_t)b[2 + i], d);
+            break;
+        }
+        case DS4_TYPE_Q2_K: {
+            const float d = ld_half(b + 80), dmin = ld_half(b + 82);
+            for (int i = 0; i < 256; i++) {
+                const int half = i >> 7, j = (i & 127) >> 5, l = i & 31;
+                const uint8_t sc = b[8 * half + 2 * j + l / 16];
+                const float q = (float)((b[16 + 32 * half + l] >> (2 * j)) & 3);
+                out[i] = __fsub_rn(__fmul_rn(__fmul_rn(d, (float)(sc & 15)), q), __fmul_rn(dmin, (float)(sc >> 4)));
+            }
+            break;
+        }
+        case DS4_TYPE_Q4_K: {
+            const float d = ld_half(b), dmin = ld_half(b + 2);
+            for (int sb = 0; sb < 8; sb++) {
+                float sc, mn;
+                q4k_scale_min(b + 4, sb, &sc, &mn);
+                const float ds = __fmul_rn(d, sc), dm = __fmul_rn(dmin, mn);
+                const int c = sb >> 1, sh = (sb & 1) * 4;
+                for (int l = 0; l < 32; l++)
+                    out[32 * sb + l] = __fsub_rn(__fmul_rn(ds, (float)((b[16 + 32 * c + l] >> sh) & 15)), dm);
+            }
+            break;
+        }
+        case DS4_TYPE_IQ2_XXS: {
+            const float d = ld_half(b);
+            for (int g = 0; g < 8; g++) {
+                const uint8_t *grp = b + 2 + 8 * g;
+                const uint32_t w1 = (uint32_t)grp[4] | ((uint32_t)grp[5] << 8) | ((uint32_t)grp[6] << 16) |
+                                    ((uint32_t)grp[7] << 24);
+                const float db = __fmul_rn(__fmul_rn(d, __fadd_rn(0.5f, (float)(w1 >> 28))), 0.25f);
+                for (int k = 0; k < 4; k++) {
+                    const uint64_t gv = d_iq2xxs_grid[grp[k]];
+                    const uint32_t sg = iq2xxs_sign_byte((w1 >> (7 * k)) & 127u);
+                    for (int e = 0; e < 8; e++)
+                        out[32 * g + 8 * k + e] =
+                            __fmul_rn(__fmul_rn(db, (float)((gv >> (8 * e)) & 0xff)), (sg >> e) & 1 ? -1.0f : 1.0f);
+                }
+            }
+            break;
+        }
+        case DS4_TYPE_F16: out[0] = ld_half(b); break;
+        case DS4_TYPE_BF16: out[0] = __uint_as_float(((uint32_t)b[0] | ((uint32_t)b[1] << 8)) << 16); break;
+        case DS4_TYPE_F32:
+            out[0] = __uint_as_float((uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16) | ((uint32_t)b[3] << 24));
+            break;
+        default: break;
+    }
+}
+
+__global__ void dequant_kernel(int type, const uint8_t *data, size_t rb, int bs, int ts, int64_t blocks_per_row,
+                               int64_t r0, int64_t n_blocks, float *out) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_blocks; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = i / blocks_per_row, k = i - r * blocks_per_row;
+        deq_block(type, data + (size_t)(r0 + r) * rb + (size_t)k * ts, out + r * blocks_per_row * bs + k * bs);
+    }
+}
+
+}  // namespace
+
+void cuda_dequant_rows(int type, const void *d_data, int64_t n_cols, int64_t r0, int64_t r1, float *d_out,
+                       cudaStream_t stream) {
+    check_cols(type, n_cols, "CUDA dequantize");
+    if (r0 < 0 || r1 < r0) fail(DS4_E_ARG, "CUDA dequantize: bad row range [%lld, %lld)", (long long)r0, (long long)r1);
+    if (r1 == r0) return;
+    const int64_t bpr = n_cols / block_size(type);
+    const int64_t nb = bpr * (r1 - r0);
+    const int threads = 128;
+    const int grid = (int)std::min<int64_t>((nb + threads - 1) / threads, 65535);
+    dequant_kernel<<<grid, threads, 0, stream>>>(type, static_cast<const uint8_t *>(d_data), row_bytes(type, n_cols),
+                                                 (int)block_size(type), (int)type_size(type), bpr, r0, nb, d_out);
+    DS4_CUDA_CHECK(cudaGetLastError());
+}
+
+void cuda_matvec(int type, const void *d_W, int64_t n_rows, int64_t n_cols, const float *d_x, float *d_y,
+                 cudaStream_t stream) {
+    check_cols(type, n_cols, "CUDA matvec");
+    if (n_rows < 0) fail(DS4_E_ARG, "CUDA matvec: negative row count");
+    if (n_rows == 0) return;
+    if ((uintptr_t)d_x % 16 != 0) fail(DS4_E_ARG, "CUDA matvec: x must be 16-byte aligned");
+    const size_t rb = row_bytes(type, n_cols);
+    PlainRows rows{static_cast<const uint8_t *>(d_W), rb, d_x, d_y};
+    const bool aligned = ((uintptr_t)d_W % 16 == 0) && rb % 16 == 0;
+    if (aligned)
+        launch_type<true>(type, rows, n_rows, n_cols, stream);
+    else
+        launch_type<false>(type, rows, n_rows, n_cols, stream);
+}
+
+void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream) {
+    check_cols(type, p.n_cols, "CUDA expert matvec");
+    if (p.n_mats < 1 || p.n_mats > 2 || p.n_ids < 0 || p.n_rows < 0 || !p.ids || !p.x || !p.W[0] || !p.y[0] ||
+        (p.n_mats == 2 && (!p.W[1] || !p.y[1])))
+        fail(DS4_E_ARG, "CUDA expert matvec: bad parameters");
+    if (p.n_ids == 0 || p.n_rows == 0) return;
+    const size_t rb = row_bytes(type, p.n_cols);
+    const int64_t per_mat = (int64_t)p.n_ids * p.n_rows;
+    ExpertRows rows{static_cast<const uint8_t *>(p.W[0]),
+                    static_cast<const uint8_t *>(p.n_mats == 2 ? p.W[1] : p.W[0]),
+                    p.y[0], p.n_mats == 2 ? p.y[1] : p.y[0], p.expert_stride, p.n_rows, per_mat, p.x_stride, rb,
+                    p.ids, p.x};
+    if ((uintptr_t)p.x % 16 != 0 || p.x_stride % 4 != 0)
+        fail(DS4_E_ARG, "CUDA expert matvec: x and x_stride must be 16-byte aligned");
+    bool aligned = rb % 16 == 0 && p.expert_stride % 16 == 0;
+    for (int m = 0; m < p.n_mats; m++) aligned = aligned && (uintptr_t)p.W[m] % 16 == 0;
+    if (aligned)
+        launch_type<true>(type, rows, per_mat * p.n_mats, p.n_cols, stream);
+    else
+        launch_type<false>(type, rows, per_mat * p.n_mats, p.n_cols, stream);
+}
+
+namespace {
+void require_device() {
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        cudaGetLastError();
+        fail(DS4_E_BACKEND, "no CUDA device available");
+    }
+}
+}  // namespace
+
+void cuda_dequant_host(int type, const void *data, int64_t n_cols, int64_t r0, int64_t r1, float *out) {
+    check_cols(type, n_cols, "CUDA dequantize");
+    if (r0 < 0 || r1 < r0) fail(DS4_E_ARG, "CUDA dequantize: bad row range [%lld, %lld)", (long long)r0, (long long)r1);
+    if (r1 == r0) return;
+    require_device();
+    const size_t rb = row_bytes(type, n_cols);
+    const size_t in_bytes = rb * (size_t)(r1 - r0), out_bytes = (size_t)(r1 - r0) * (size_t)n_cols * 4;
+    void *d_in = nullptr;
+    float *d_out = nullptr;
+    try {
+        DS4_CUDA_CHECK(cudaMalloc(&d_in, in_bytes));
+        DS4_CUDA_CHECK(cudaMalloc(&d_out, out_bytes));
+        DS4_CUDA_CHECK(cudaMemcpy(d_in, static_cast<const uint8_t *>(data) + rb * (size_t)r0, in_bytes,
+                                  cudaMemcpyHostToDevice));
+        cuda_dequant_rows(type, d_in, n_cols, 0, r1 - r0, d_out, nullptr);
+        DS4_CUDA_CHECK(cudaDeviceSynchronize());
+        DS4_CUDA_CHECK(cudaMemcpy(out, d_out, out_bytes, cudaMemcpyDeviceToHost));
+    } catch (...) {
+        cudaFree(d_in);
+        cudaFree(d_out);
+        throw;
+    }
+    cudaFree(d_in);
+    cudaFree(d_out);
+}
+
+void cuda_matvec_host(int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y) {
+    check_cols(type, n_cols, "CUDA matvec");
+    require_device();
+    const size_t wbytes = row_bytes(type, n_cols) * (size_t)n_rows;
+    void *dW = nullptr;
+    float *dx = nullptr, *dy = nullptr;
+    auto cleanup = [&] {
+        cudaFree(dW);
+        cudaFree(dx);
+        cudaFree(dy);
+    };
+    try {
+        DS4_CUDA_CHECK(cudaMalloc(&dW, wbytes ? wbytes : 16));
+        DS4_CUDA_CHECK(cudaMalloc(&dx, (size_t)n_cols * 4));
+        DS4_CUDA_CHECK(cudaMalloc(&dy, (size_t)(n_rows ? n_rows : 1) * 4));
+        DS4_CUDA_CHECK(cudaMemcpy(dW, W, wbytes, cudaMemcpyHostToDevice));
+        DS4_CUDA_CHECK(cudaMemcpy(dx, x, (size_t)n_cols * 4, cudaMemcpyHostToDevice));
+        cuda_matvec(type, dW, n_rows, n_cols, dx, dy, nullptr);
+        DS4_CUDA_CHECK(cudaDeviceSynchronize());
+        DS4_CUDA_CHECK(cudaMemcpy(y, dy, (size_t)n_rows * 4, cudaMemcpyDeviceToHost));
+    } catch (...) {
+        cleanup();
+        throw;
+    }
+    cleanup();
+}
+
+}  // namespace ds4

@@ -1,0 +1,369 @@
+// bench_matvec: decode matvec bandwidth at the real DS4 shapes, against a device-to-device copy in the same run.
+//
+//   bench_matvec [--iters N] [--csv FILE]
+//
+// For each case: random valid weights are generated on the GPU (several copies, rotated per iteration so the
+// 50-60 MB L2 cannot serve them), the CUDA result is checked against the CPU kernel on the same bytes, then the
+// median time of N runs (CUDA events around each run) gives GB/s = weight bytes read / time. The copy baseline is
+// cudaMemcpyAsync device-to-device of 1 GiB, counted as bytes read + written. Prints a markdown table.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "ds4.h"
+#include "quant.h"
+
+#define CK(expr)                                                                                         \
+    do {                                                                                                 \
+        cudaError_t e_ = (expr);                                                                         \
+        if (e_ != cudaSuccess) {                                                                         \
+            std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", #expr, __FILE__, __LINE__, cudaGetErrorString(e_)); \
+            std::exit(1);                                                                                \
+        }                                                                                                \
+    } while (0)
+
+namespace {
+
+// Random bytes, then every quant block's f16 scale fields set to finite values of a realistic size.
+__global__ void fill_random(uint8_t *p, size_t n, uint64_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t z = seed + i * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        p[i] = (uint8_t)(z ^ (z >> 31));
+    }
+}
+
+__global__ void fix_scales(uint8_t *p, size_t n_blocks, int block_bytes, int off0, int off1) {
+    for (size_t b = (size_t)blockIdx.x * blockDim.x + threadIdx.x; b < n_blocks; b += (size_t)gridDim.x * blockDim.x) {
+        uint8_t *q = p + b * block_bytes;
+        // f16 with exponent 5..12 (~1e-4 .. 0.03), random sign and mantissa from the existing byte
+        auto put = [&](int off) {
+            const uint16_t h = (uint16_t)((q[off + 1] & 0x80) << 8 | (uint16_t)(5 + (q[off] & 7)) << 10 | (q[off] & 0x3f) << 4);
+            q[off] = (uint8_t)(h & 0xff);
+            q[off + 1] = (uint8_t)(h >> 8);
+        };
+        put(off0);
+        if (off1 >= 0) put(off1);
+    }
+}
+
+void make_weights(uint8_t *d, int type, size_t bytes, uint64_t seed) {
+    fill_random<<<1024, 256>>>(d, bytes, seed);
+    const size_t bb = ds4::type_size(type);
+    int o0 = -1, o1 = -1;
+    switch (type) {
+        case DS4_TYPE_Q8_0: o0 = 0; break;
+        case DS4_TYPE_Q2_K: o0 = 80; o1 = 82; break;
+        case DS4_TYPE_Q4_K: o0 = 0; o1 = 2; break;
+        case DS4_TYPE_IQ2_XXS: o0 = 0; break;
+        default: break;
+    }
+    if (o0 >= 0) fix_scales<<<1024, 256>>>(d, bytes / bb, (int)bb, o0, o1);
+    CK(cudaGetLastError());
+}
+
+std::vector<float> random_vec(size_t n, uint32_t seed) {
+    std::mt19937 g(seed);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> v(n);
+    for (auto &x : v) x = nd(g);
+    return v;
+}
+
+double median(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Max |a - b| over max |b| (the CPU result b is the reference).
+double rel_diff(const std::vector<float> &a, const std::vector<float> &b) {
+    double md = 0, mb = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        md = std::max(md, (double)std::fabs(a[i] - b[i]));
+        mb = std::max(mb, (double)std::fabs(b[i]));
+        if (!std::isfinite(a[i])) return INFINITY;
+    }
+    return md / (mb > 0 ? mb : 1);
+}
+
+struct Row {
+    std::string name, type, shape;
+    double bytes, us, gbs, pct, err;
+};
+
+constexpr size_t kRotateBytes = (size_t)1536 << 20;  // weights rotated per case: > 20x a 60 MB L2
+
+double copy_gbs(int iters, cudaStream_t s) {
+    const size_t n = (size_t)1 << 30;
+    void *a, *b;
+    CK(cudaMalloc(&a, n));
+    CK(cudaMalloc(&b, n));
+    CK(cudaMemset(a, 1, n));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<float> ms;
+    for (int i = 0; i < iters + 3; i++) {
+        CK(cudaEventRecord(e0, s));
+        CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, s));
+        CK(cudaEventRecord(e1, s));
+        CK(cudaEventSynchronize(e1));
+        float t;
+        CK(cudaEventElapsedTime(&t, e0, e1));
+        if (i >= 3) ms.push_back(t);
+    }
+    CK(cudaFree(a));
+    CK(cudaFree(b));
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return 2.0 * (double)n / (median(ms) * 1e-3) / 1e9;
+}
+
+// Times `run(i)` (i = iteration, for rotation) with events around each call; returns the median in microseconds.
+template <class F>
+double time_median_us(int iters, cudaStream_t s, F &&run) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<float> ms;
+    for (int i = 0; i < iters + 5; i++) {
+        CK(cudaEventRecord(e0, s));
+        run(i);
+        CK(cudaEventRecord(e1, s));
+        CK(cudaEventSynchronize(e1));
+        float t;
+        CK(cudaEventElapsedTime(&t, e0, e1));
+        if (i >= 5) ms.push_back(t);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return median(ms) * 1e3;
+}
+
+// One plain matvec case: [rows x cols] of `type` (a list of matrices run back to back counts as one case).
+Row bench_plain(const char *name, int type, const std::vector<std::pair<int64_t, int64_t>> &mats, int iters,
+                double copy, cudaStream_t s) {
+    size_t set_bytes = 0;
+    int64_t max_rows = 0, max_cols = 0;
+    for (auto &m : mats) {
+        set_bytes += ds4::row_bytes(type, m.second) * (size_t)m.first;
+        max_rows = std::max(max_rows, m.first);
+        max_cols = std::max(max_cols, m.second);
+    }
+    const int copies = (int)std::max<size_t>(2, (kRotateBytes + set_bytes - 1) / set_bytes);
+    std::vector<std::vector<uint8_t *>> W(copies, std::vector<uint8_t *>(mats.size()));
+    for (int c = 0; c < copies; c++)
+        for (size_t k = 0; k < mats.size(); k++) {
+            const size_t b = ds4::row_bytes(type, mats[k].second) * (size_t)mats[k].first;
+            CK(cudaMalloc(&W[c][k], b));
+            make_weights(W[c][k], type, b, 1000 + 17 * k);  // same content in every copy, different addresses
+        }
+    float *dx, *dy;
+    CK(cudaMalloc(&dx, max_cols * 4));
+    CK(cudaMalloc(&dy, max_rows * 4));
+    const std::vector<float> x = random_vec((size_t)max_cols, 42);
+    CK(cudaMemcpy(dx, x.data(), max_cols * 4, cudaMemcpyHostToDevice));
+    CK(cudaDeviceSynchronize());
+
+    // correctness: every matrix of copy 0 against the CPU kernel
+    double err = 0;
+    for (size_t k = 0; k < mats.size(); k++) {
+        const auto [rows, cols] = mats[k];
+        const size_t b = ds4::row_bytes(type, cols) * (size_t)rows;
+        std::vector<uint8_t> hw(b);
+        CK(cudaMemcpy(hw.data(), W[0][k], b, cudaMemcpyDeviceToHost));
+        std::vector<float> yc((size_t)rows), yg((size_t)rows);
+        ds4::cpu_matvec(type, hw.data(), rows, cols, x.data(), yc.data());
+        ds4::cuda_matvec(type, W[0][k], rows, cols, dx, dy, s);
+        CK(cudaMemcpyAsync(yg.data(), dy, rows * 4, cudaMemcpyDeviceToHost, s));
+        CK(cudaStreamSynchronize(s));
+        err = std::max(err, rel_diff(yg, yc));
+    }
+    const double us = time_median_us(iters, s, [&](int i) {
+        for (size_t k = 0; k < mats.size(); k++)
+            ds4::cuda_matvec(type, W[i % copies][k], mats[k].first, mats[k].second, dx, dy, s);
+    });
+    for (auto &v : W)
+        for (auto *p : v) CK(cudaFree(p));
+    CK(cudaFree(dx));
+    CK(cudaFree(dy));
+    std::string shape;
+    for (size_t k = 0; k < mats.size(); k++)
+        shape += (k ? " + " : "") + std::to_string(mats[k].first) + "x" + std::to_string(mats[k].second);
+    const double gbs = (double)set_bytes / (us * 1e-6) / 1e9;
+    return {name, ds4::type_name(type), shape, (double)set_bytes, us, gbs, 100.0 * gbs / copy, err};
+}
+
+// One layer's routed experts: gate+up [ff x embd] (one launch, shared x) then down [embd x ff] (per-expert x),
+// n_used experts out of n_exp, expert ids drawn at random for every iteration.
+Row bench_experts(const char *name, int gu_type, int down_type, int64_t embd, int64_t ff, int n_exp, int n_used,
+                  int iters, double copy, cudaStream_t s) {
+    const size_t gu_rb = ds4::row_bytes(gu_type, embd), dn_rb = ds4::row_bytes(down_type, ff);
+    const size_t gu_stride = gu_rb * (size_t)ff, dn_stride = dn_rb * (size_t)embd;
+    uint8_t *gate, *up, *down;
+    CK(cudaMalloc(&gate, gu_stride * n_exp));
+    CK(cudaMalloc(&up, gu_stride * n_exp));
+    CK(cudaMalloc(&down, dn_stride * n_exp));
+    make_weights(gate, gu_type, gu_stride * n_exp, 1);
+    make_weights(up, gu_type, gu_stride * n_exp, 2);
+    make_weights(down, down_type, dn_stride * n_exp, 3);
+    const int n_sets = iters + 16;
+    std::vector<int32_t> ids((size_t)n_sets * n_used);
+    std::mt19937 g(7);
+    for (int i = 0; i < n_sets; i++) {
+        std::vector<int32_t> perm(n_exp);
+        for (int k = 0; k < n_exp; k++) perm[k] = k;
+        std::shuffle(perm.begin(), perm.end(), g);
+        std::copy(perm.begin(), perm.begin() + n_used, ids.begin() + (size_t)i * n_used);
+    }
+    int32_t *d_ids;
+    float *dx, *d_gate, *d_up, *d_act, *d_out;
+    CK(cudaMalloc(&d_ids, ids.size() * 4));
+    CK(cudaMemcpy(d_ids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&dx, embd * 4));
+    CK(cudaMalloc(&d_gate, n_used * ff * 4));
+    CK(cudaMalloc(&d_up, n_used * ff * 4));
+    CK(cudaMalloc(&d_act, n_used * ff * 4));
+    CK(cudaMalloc(&d_out, n_used * embd * 4));
+    const std::vector<float> x = random_vec((size_t)embd, 5), act = random_vec((size_t)(n_used * ff), 6);
+    CK(cudaMemcpy(dx, x.data(), embd * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_act, act.data(), act.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaDeviceSynchronize());
+
+    auto run = [&](int i) {
+        ds4::ExpertMatvec gu;
+        gu.W[0] = gate;
+        gu.W[1] = up;
+        gu.y[0] = d_gate;
+        gu.y[1] = d_up;
+        gu.n_mats = 2;
+        gu.expert_stride = (int64_t)gu_stride;
+        gu.n_rows = ff;
+        gu.n_cols = embd;
+        gu.ids = d_ids + (size_t)i * n_used;
+        gu.n_ids = n_used;
+        gu.x = dx;
+        gu.x_stride = 0;
+        ds4::cuda_matvec_experts(gu_type, gu, s);
+        ds4::ExpertMatvec dn;
+        dn.W[0] = down;
+        dn.y[0] = d_out;
+        dn.expert_stride = (int64_t)dn_stride;
+        dn.n_rows = embd;
+        dn.n_cols = ff;
+        dn.ids = d_ids + (size_t)i * n_used;
+        dn.n_ids = n_used;
+        dn.x = d_act;
+        dn.x_stride = ff;
+        ds4::cuda_matvec_experts(down_type, dn, s);
+    };
+    // correctness of set 0 against the CPU kernel on the same expert slices
+    run(0);
+    std::vector<float> g_gate((size_t)(n_used * ff)), g_up(g_gate.size()), g_out((size_t)(n_used * embd));
+    CK(cudaMemcpyAsync(g_gate.data(), d_gate, g_gate.size() * 4, cudaMemcpyDeviceToHost, s));
+    CK(cudaMemcpyAsync(g_up.data(), d_up, g_up.size() * 4, cudaMemcpyDeviceToHost, s));
+    CK(cudaMemcpyAsync(g_out.data(), d_out, g_out.size() * 4, cudaMemcpyDeviceToHost, s));
+    CK(cudaStreamSynchronize(s));
+    double err = 0;
+    std::vector<uint8_t> hg(gu_stride), hu(gu_stride), hd(dn_stride);
+    for (int e = 0; e < n_used; e++) {
+        const int32_t id = ids[(size_t)e];
+        CK(cudaMemcpy(hg.data(), gate + (size_t)id * gu_stride, gu_stride, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(hu.data(), up + (size_t)id * gu_stride, gu_stride, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(hd.data(), down + (size_t)id * dn_stride, dn_stride, cudaMemcpyDeviceToHost));
+        std::vector<float> cg((size_t)ff), cu((size_t)ff), cd((size_t)embd);
+        ds4::cpu_matvec(gu_type, hg.data(), ff, embd, x.data(), cg.data());
+        ds4::cpu_matvec(gu_type, hu.data(), ff, embd, x.data(), cu.data());
+        ds4::cpu_matvec(down_type, hd.data(), embd, ff, act.data() + (size_t)e * ff, cd.data());
+        err = std::max(err, rel_diff(std::vector<float>(g_gate.begin() + e * ff, g_gate.begin() + (e + 1) * ff), cg));
+        err = std::max(err, rel_diff(std::vector<float>(g_up.begin() + e * ff, g_up.begin() + (e + 1) * ff), cu));
+        err = std::max(err, rel_diff(std::vector<float>(g_out.begin() + e * embd, g_out.begin() + (e + 1) * embd), cd));
+    }
+    const double us = time_median_us(iters, s, [&](int i) { run(1 + i % (n_sets - 1)); });
+    for (void *p : {(void *)gate, (void *)up, (void *)down, (void *)d_ids, (void *)dx, (void *)d_gate, (void *)d_up,
+                    (void *)d_act, (void *)d_out})
+        CK(cudaFree(p));
+    const double bytes = (double)n_used * (2.0 * gu_stride + dn_stride);
+    const double gbs = bytes / (us * 1e-6) / 1e9;
+    std::string shape = std::to_string(n_used) + "/" + std::to_string(n_exp) + " x (2x " + std::to_string(ff) + "x" +
+                        std::to_string(embd) + " " + ds4::type_name(gu_type) + " + " + std::to_string(embd) + "x" +
+                        std::to_string(ff) + " " + ds4::type_name(down_type) + ")";
+    return {name, std::string(ds4::type_name(gu_type)) + "+" + ds4::type_name(down_type), shape, bytes, us, gbs,
+            100.0 * gbs / copy, err};
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    int iters = 200;
+    const char *csv = nullptr;
+    for (int i = 1; i < argc; i++) {
+        if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv = argv[++i];
+        else {
+            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE]\n", argv[0]);
+            return 2;
+        }
+    }
+    int dev = 0;
+    cudaDeviceProp prop;
+    CK(cudaGetDevice(&dev));
+    CK(cudaGetDeviceProperties(&prop, dev));
+    cudaStream_t s;
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    const double copy = copy_gbs(std::max(20, iters / 5), s);
+
+    std::vector<Row> rows;
+    try {
+        rows.push_back(bench_plain("output head", DS4_TYPE_Q8_0, {{129280, 4096}}, iters, copy, s));
+        rows.push_back(bench_plain("attn_q_b", DS4_TYPE_Q8_0, {{32768, 1024}}, iters, copy, s));
+        rows.push_back(bench_plain("attn_output_a", DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s));
+        rows.push_back(bench_plain("attn_output_b", DS4_TYPE_Q8_0, {{4096, 8192}}, iters, copy, s));
+        rows.push_back(bench_plain("shared expert (gate, up, down)", DS4_TYPE_Q8_0,
+                                   {{2048, 4096}, {2048, 4096}, {4096, 2048}}, iters, copy, s));
+        rows.push_back(bench_experts("routed experts, Q2 file", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6,
+                                     iters, copy, s));
+        rows.push_back(bench_experts("routed experts, Q4 file", DS4_TYPE_Q4_K, DS4_TYPE_Q4_K, 4096, 2048, 256, 6,
+                                     iters, copy, s));
+        rows.push_back(bench_plain("token_embd-like F16 [4096x4096]", DS4_TYPE_F16, {{4096, 4096}}, iters, copy, s));
+    } catch (const ds4::Error &e) {
+        std::fprintf(stderr, "engine error: %s\n", e.what());
+        return 1;
+    }
+
+    std::printf("## Matvec bandwidth on %s (sm_%d%d, %d SMs, L2 %d MB)\n\n", prop.name, prop.major, prop.minor,
+                prop.multiProcessorCount, prop.l2CacheSize >> 20);
+    std::printf("Device-to-device copy (1 GiB, bytes read + written): **%.0f GB/s**. Median of %d runs per case; "
+                "weights rotated over >= 1.5 GB so L2 does not serve them; GB/s = weight bytes read / time.\n\n",
+                copy, iters);
+    std::printf("| case | type | shape (rows x cols) | MB read | median us | GB/s | %% of copy | max rel diff vs CPU |\n");
+    std::printf("|---|---|---|---:|---:|---:|---:|---:|\n");
+    bool ok = true;
+    for (const Row &r : rows) {
+        std::printf("| %s | %s | %s | %.1f | %.1f | %.0f | %.0f%% | %.1e |\n", r.name.c_str(), r.type.c_str(),
+                    r.shape.c_str(), r.bytes / 1e6, r.us, r.gbs, r.pct, r.err);
+        ok = ok && r.err < 1e-3;
+    }
+    if (csv) {
+        FILE *f = std::fopen(csv, "w");
+        if (f) {
+            std::fprintf(f, "case,type,shape,bytes,median_us,gbs,pct_of_copy,max_rel_diff,copy_gbs\n");
+            for (const Row &r : rows)
+                std::fprintf(f, "\"%s\",%s,\"%s\",%.0f,%.2f,%.1f,%.1f,%.3e,%.1f\n", r.name.c_str(), r.type.c_str(),
+                             r.shape.c_str(), r.bytes, r.us, r.gbs, r.pct, r.err, copy);
+            std::fclose(f);
+        }
+    }
+    std::printf("\n%s\n", ok ? "all CUDA results match the CPU kernels (max rel diff < 1e-3)"
+                              : "FAIL: a CUDA result differs from the CPU kernel");
+    return ok ? 0 : 1;
+}
