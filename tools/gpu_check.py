@@ -156,8 +156,9 @@ def check_type(lib, type_name: str, have_gguf: bool) -> list[str]:
         if not np.array_equal(ref.view(np.uint32), gpu.view(np.uint32)):
             problems.append(f"{type_name}: CUDA dequantize differs from gguf")
     # matvec: aligned shapes (the fast path) and an odd row count
-    for rows, cols_mult in ((67, 4), (300, 16)):
-        cols = n_cols * cols_mult
+    # (67, 4x) and (300, 16x): the aligned fast path, several tiles, odd row counts; (7, 3 blocks): rows that are
+    # not a multiple of 16 bytes (byte-load path) and partial tiles.
+    for rows, cols in ((67, n_cols * 4), (300, n_cols * 16), (7, QUANT_SIZES[TYPES[type_name]][0] * 3)):
         w_raw = random_matrix(type_name, rows, cols, seed=11 + rows, bounded=True)
         x = np.random.default_rng(rows).standard_normal(cols).astype(np.float32)
         w = dequant(lib, BACKEND_CPU, type_name, w_raw, cols)
