@@ -84,10 +84,17 @@ def run_foreground(settings: Settings, model: Optional[Path], demo: bool, ctx: i
 
 
 def _manage_service(settings: Settings, **options) -> int:
-    """Install/enable the systemd unit (spark_setup.service). Not wired yet: the service helper adds
-    --enable/--user/--system/--dry-run here."""
-    raise UsageError("serve without --foreground manages the systemd service, which is not available here yet",
-                     "run the server in this terminal: spark-setup serve --foreground")
+    """`serve --enable [--user|--system] [--dry-run]`: the systemd unit (spark_setup.service; rendering and
+    progress in commands/_service_ui.py, owned by the service helper)."""
+    from . import _service_ui
+
+    if not options.pop("enable", False):
+        raise UsageError("serve needs --foreground (run here) or --enable (install the systemd service)",
+                         "spark-setup serve --foreground, or spark-setup serve --enable")
+    user, system = options.pop("user", False), options.pop("system", False)
+    if user and system:
+        raise UsageError("--user and --system are exclusive", "pass one of them")
+    return _service_ui.serve_enable(settings, scope="user" if user else ("system" if system else None), **options)
 
 
 def register(app: typer.Typer) -> None:
@@ -106,11 +113,20 @@ def register(app: typer.Typer) -> None:
         max_queue: int = typer.Option(8, "--max-queue", help="Requests that may wait for the engine; more get 429."),
         host: Optional[str] = HostOpt, port: Optional[int] = PortOpt, prefix: Optional[Path] = PrefixOpt,
         models_dir: Optional[Path] = ModelsDirOpt, state_dir: Optional[Path] = StateDirOpt,
+        # -- the systemd service (spark_setup.service, service helper) --
+        enable: bool = typer.Option(False, "--enable", help="Install, enable and (re)start the systemd unit, "
+                                    "then wait until /health is 200."),
+        user: bool = typer.Option(False, "--user", help="With --enable: a user unit (default without sudo)."),
+        system: bool = typer.Option(False, "--system", help="With --enable: a system unit with a dedicated user "
+                                    "(default as root or with sudo)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="With --enable: show the units and the diff "
+                                     "against what is installed; change nothing."),
     ) -> None:
         """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
         settings = settings_from(prefix, models_dir, state_dir, port, host)
         if max_queue < 0:
             raise UsageError(f"--max-queue must be >= 0, got {max_queue}")
         if not foreground:
-            raise typer.Exit(_manage_service(settings, model=model, demo=demo))
+            raise typer.Exit(_manage_service(settings, model=model, demo=demo, enable=enable, user=user,
+                                             system=system, dry_run=dry_run))
         raise typer.Exit(run_foreground(settings, model, demo, ctx, api_key, backend, max_queue))
