@@ -129,7 +129,10 @@ class Installer:
         failed = False
         for name in STEPS:
             if name not in wanted or failed:
-                steps.append(Step(name, "not run"))
+                step = Step(name, "not run", 0.0, "stopped after the failed step" if failed else "not asked for "
+                            "(--start serves)")
+                steps.append(step)
+                self.h.step_finished(step)
                 continue
             self.h.step_started(name, descriptions[name])
             t0 = time.monotonic()
@@ -149,12 +152,24 @@ class Installer:
         return InstallResult(steps, rc.receipt_path(self.s), self.url, self.serving, self.notes)
 
     # ------------------------------------------------------------------ doctor
-    def _model_bytes(self) -> int | None:
+    def _model_bytes(self) -> tuple[int | None, int]:
+        """(bytes the chosen files need, bytes of them already on disk): exact sizes from the pins when a
+        download pinned them, the catalog's approximations otherwise."""
         if self.o.demo:
-            return None
-        from .catalog import files_for
+            return None, 0
+        from .catalog import PinStore, files_for
+        from .download import dest_for
 
-        return sum(v.approx_bytes for v in files_for(self.variant, self.o.with_mtp))
+        store = PinStore(self.s.state_dir)
+        need = have = 0
+        for v in files_for(self.variant, self.o.with_mtp):
+            pin = store.get(v.repo, v.file)
+            size = pin.size if pin is not None else v.approx_bytes
+            need += size
+            dest = dest_for(self.s.models_dir, v.repo, v.file)
+            if dest.is_file() and dest.stat().st_size == size:
+                have += size
+        return need, have
 
     def _step_doctor(self) -> str:
         key = f"{rc.host_key()}|{self.target}|{self.variant}|{self.o.with_mtp}|{self.s.port}"
@@ -164,12 +179,8 @@ class Installer:
         from .doctor import run_checks
         from .host import probe
 
-        already = 0
-        for f in (self.r.get("files") or []):
-            if Path(f.get("path", "")).exists():
-                already += int(f.get("size") or 0)
-        report = run_checks(probe(self.s), target=self.target, model_bytes=self._model_bytes(),
-                            already_downloaded=already)
+        need, have = self._model_bytes()
+        report = run_checks(probe(self.s), target=self.target, model_bytes=need, already_downloaded=have)
         self.r["doctor"] = {"ok": report.ok, "key": key, "at": rc.now_iso(), "target": self.target,
                             "summary": {s: sum(c.status == s for c in report.checks) for s in ("pass", "warn", "fail")}}
         if not report.ok:

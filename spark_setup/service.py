@@ -108,6 +108,16 @@ def protect_home(paths: Iterable[Path]) -> tuple[str, str]:
     return "read-only", f"the server reads files in a home directory ({inside[0]}), so homes stay visible, read-only"
 
 
+def private_tmp(paths: Iterable[Path]) -> tuple[str, str]:
+    """PrivateTmp= value: `yes` unless something the server needs lives under /tmp or /var/tmp (it would vanish)."""
+    inside = sorted({str(p) for p in paths if p is not None and any(
+        Path(os.path.abspath(p)) == t or t in Path(os.path.abspath(p)).parents
+        for t in (Path("/tmp"), Path("/var/tmp")))})
+    if not inside:
+        return "yes", "a private /tmp and /var/tmp"
+    return "no", f"the server needs {inside[0]}, which a private /tmp would hide"
+
+
 def user_config_dir(home: Path | None = None) -> Path:
     if home is None and os.environ.get("XDG_CONFIG_HOME"):
         return Path(os.environ["XDG_CONFIG_HOME"])
@@ -184,10 +194,11 @@ def render_units(spec: UnitSpec, python_home: Path | None = None) -> dict[Path, 
     needed = [spec.exec_path, spec.model_path, spec.mtp_path, spec.engine_lib, spec.state_dir,
               python_home if python_home is not None else _python_home()]
     ph, ph_reason = protect_home(needed)
+    pt, pt_reason = private_tmp(needed)
     loopback = spec.host in ("127.0.0.1", "localhost", "::1")
     ctx = dict(asdict(spec), with_mtp=spec.with_mtp, unit_name=UNIT_NAME, env_file=spec.env_path,
                timeout_start_sec=timeout, timeout_reason=timeout_reason, protect_home=ph,
-               protect_home_reason=ph_reason, loopback_only=loopback, start_limit_interval=START_LIMIT_INTERVAL_S,
+               protect_home_reason=ph_reason, private_tmp=pt, private_tmp_reason=pt_reason, loopback_only=loopback, start_limit_interval=START_LIMIT_INTERVAL_S,
                start_limit_burst=START_LIMIT_BURST)
     env = _env()
     unit = env.get_template("spark-setup.service.j2").render(**ctx)
@@ -418,6 +429,24 @@ def _percent(status_text: str, body: dict) -> float | None:
     return float(m.group(1)) if m else None
 
 
+_SYSTEMD_NOISE = ("Starting ", "Started ", "Stopped ", "Stopping ", "Failed to start ", "Scheduled restart job",
+                  "Failed with result", "Control process exited", "Main process exited", "Consumed ",
+                  "Deactivated successfully")
+
+
+def last_journal_line(ctl: "Systemctl") -> str:
+    """The unit's most telling recent journal line (the server's or systemd's reason, not its routine lines)."""
+    argv = ctl.journal_cmd(lines=40)
+    argv[argv.index("short-iso")] = "cat"
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = [l.strip() for l in out.splitlines() if l.strip()]
+    useful = [l for l in lines if not any(n in l for n in _SYSTEMD_NOISE)]
+    return (useful or lines or [""])[-1][:300]
+
+
 def server_url(settings: Settings) -> str:
     host = settings.host
     if host in ("0.0.0.0", "::", ""):
@@ -445,8 +474,9 @@ def follow_readiness(ctl: Systemctl, url: str, timeout_s: float, progress: Progr
         if obs.active_state == "failed" or (since_restarts is not None and obs.n_restarts > since_restarts
                                             and obs.sub_state == "auto-restart"):
             journal = " ".join(ctl.journal_cmd(lines=30))
-            raise UserError(f"{UNIT_NAME} failed to start ({props.get('Result') or obs.sub_state}): "
-                            f"{obs.status_text or 'no status'}", f"see the log: {journal}")
+            why = obs.status_text or last_journal_line(ctl) or "no status"
+            raise UserError(f"{UNIT_NAME} failed to start ({props.get('Result') or obs.sub_state}): {why}",
+                            f"see the log: {journal}")
         if obs.elapsed_s > timeout_s:
             raise UserError(f"{UNIT_NAME} did not become ready in {timeout_s:.0f} s "
                             f"(state {obs.active_state}/{obs.sub_state}, health {code})",

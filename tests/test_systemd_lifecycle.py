@@ -10,6 +10,7 @@ Needs root, systemd-nspawn and debootstrap (tools/test.sh installs them); the De
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -36,7 +37,10 @@ if _why:
 @pytest.fixture(scope="module")
 def box(engine_build):
     root = nspawn.prepare_root()
-    scratch = Path(tempfile.mkdtemp(prefix="spark-setup-nspawn-", dir="/var/tmp"))
+    # Not under /tmp or /var/tmp: the unit's PrivateTmp would hide it (service.private_tmp turns it off then).
+    base = Path("/var/cache/spark-setup")
+    base.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     scratch.chmod(0o755)
     c = nspawn.Container(root, [nspawn.REPO, *nspawn.python_home_binds()], [scratch], scratch / "boot.log")
     c.scratch = scratch
@@ -47,8 +51,13 @@ def box(engine_build):
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+# The demo model; SPARK_SETUP_TEST_NSPAWN_MODEL=FILE serves another GGUF instead (for debugging the harness).
+MODEL_ARGS = (["--model", os.environ["SPARK_SETUP_TEST_NSPAWN_MODEL"]] if os.environ.get("SPARK_SETUP_TEST_NSPAWN_MODEL")
+              else ["--demo"])
+
+
 def enable(box, timeout=300):
-    return box.run([CLI, "serve", "--enable", "--system", "--demo", "--prefix", str(box.prefix)], env=box.env,
+    return box.run([CLI, "serve", "--enable", "--system", *MODEL_ARGS, "--prefix", str(box.prefix)], env=box.env,
                    timeout=timeout)
 
 
@@ -140,16 +149,20 @@ def test_missing_model_fails_in_execstartpre_with_a_clear_line(box):
 
 def test_foreign_process_on_the_port_is_reported_not_killed(box):
     squatter = box.popen([sys.executable, "-m", "http.server", str(PORT), "--bind", "127.0.0.1"])
+    pids: list[int] = []
     try:
         pids = wait_for(lambda: listeners(box, PORT), 20, "the squatter to listen")
         cp = enable(box)
         assert cp.returncode == 1, cp.stdout + cp.stderr
         msg = cp.stdout + cp.stderr
         assert re.search(rf"port {PORT} is in use by PID {pids[0]}\b", msg), msg
-        assert squatter.poll() is None  # left alone
+        assert squatter.poll() is None and listeners(box, PORT) == pids  # left alone
     finally:
+        for pid in pids:  # nsenter forked it into the container's PID namespace: kill it there
+            box.run(["kill", str(pid)])
         squatter.kill()
         squatter.wait(10)
+        wait_for(lambda: not listeners(box, PORT), 20, "the squatter to go")
 
 
 def test_uninstall_removes_unit_and_user(box):

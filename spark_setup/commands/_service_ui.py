@@ -115,6 +115,10 @@ def resolve_engine(settings: Settings) -> Path:
 def serve_enable(settings: Settings, *, scope: Optional[str] = None, model: Optional[Path] = None,
                  demo: bool = False, dry_run: bool = False, yes: bool = False) -> int:
     """`spark-setup serve --enable [--user|--system] [--dry-run]`: render, diff, write, (re)start, follow, print."""
+    if not dry_run and not service.systemd_booted():
+        raise UserError("systemd is not running as PID 1 on this machine, so there is no service to enable",
+                        "run the server in the foreground instead: spark-setup serve --foreground"
+                        + (" --demo" if demo else ""))
     if scope is None:
         scope = service.default_scope()
     m, mtp = resolve_model(settings, model, demo)
