@@ -33,7 +33,7 @@ GENERIC_MIN_CUDA = (12, 0)
 GENERIC_MIN_CC = (7, 5)
 CPU_DISK = 2 * GiB  # demo model + CPU engine build
 CPU_MEMORY = 4 * GiB
-MIN_CMAKE = (3, 26)
+MIN_CMAKE = (3, 24)  # engine/CMakeLists.txt cmake_minimum_required
 PAGE_CACHE_WARN = 8 * GiB
 
 
@@ -261,7 +261,7 @@ def disk_need(target: str, model_bytes: int | None) -> int:
         return CPU_DISK if model_bytes is None else model_bytes + CPU_DISK
     if model_bytes is None:
         return SPARK_DISK
-    return model_bytes + MODEL_DISK_HEADROOM
+    return max(SPARK_DISK, model_bytes + MODEL_DISK_HEADROOM)
 
 
 def check_disk(f: HostFacts, target: str, model_bytes: int | None, already_downloaded: int) -> Check:

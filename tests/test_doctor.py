@@ -152,6 +152,8 @@ def test_spark_with_40_gib_free_disk():
     # the chosen model's size sets the need
     r3 = run_checks(spark(disk_free=40 * GiB), model_bytes=int(153.3 * GiB))
     assert r3.get("disk").required == ">= 173.3 GiB free"
+    # never below the Spark's 110 GiB (Q2 + draft + builds + headroom), however small the model
+    assert run_checks(spark(), model_bytes=int(80.76 * GiB)).get("disk").required == ">= 110.0 GiB free"
 
 
 def test_spark_whose_nvml_library_is_missing():
