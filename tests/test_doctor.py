@@ -348,3 +348,18 @@ def test_doctor_variant_sizes_the_disk_check(tmp_path):
     assert disk["status"] == "fail" and disk["required"] == ">= 173.3 GiB free"
     bad = _cli(["doctor", "--variant", "q9"], tmp_path)
     assert bad.returncode == 2 and "unknown variant" in bad.stderr
+
+
+@pytest.mark.parametrize("target", ["spark", "generic", "cpu"])
+def test_every_probe_failed_still_gives_a_report(target):
+    # HostFacts() is "nothing could be measured": every check must still answer, and never raise
+    f = HostFacts(errors={"memory": "memory: timed out after 10 s", "disk": "disk: PermissionError: denied",
+                          "port": "port: OSError: bad address"},
+                  gpus=[GPU(0, "NVIDIA ???", None, None, None, None)])
+    r = run_checks(f, target)
+    validate(r.to_dict())
+    s = statuses(r)
+    assert s["memory"] == "fail" and "timed out" in r.get("memory").measured
+    assert s["disk"] == "fail" and "PermissionError" in r.get("disk").measured
+    assert s["port"] == "warn" and s["arch"] == "fail"
+    assert not r.ok and all(c.fix for c in r.checks if c.status != "pass")
