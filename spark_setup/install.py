@@ -187,7 +187,7 @@ class Installer:
             bad = report.failed
             first = bad[0]
             more = f" (and {len(bad) - 1} more: {', '.join(c.id for c in bad[1:])})" if len(bad) > 1 else ""
-            raise UserError(f"doctor: {first.title or first.id}: {first.measured}, needs {first.required}{more}",
+            raise UserError(f"{first.title or first.id}: {first.measured}, needs {first.required}{more}",
                             first.fix or f"run `spark-setup doctor --target {self.target}` for details")
         warn = report.warnings
         return f"{sum(c.status == 'pass' for c in report.checks)} checks passed" + (

@@ -491,7 +491,13 @@ def pid_file(settings: Settings) -> Path:
 
 
 def log_file(settings: Settings) -> Path:
+    """The server's own log (it writes <state>/logs/server.log itself)."""
     return settings.log_dir / "server.log"
+
+
+def out_file(settings: Settings) -> Path:
+    """The detached server's stdout/stderr (what it printed before its logging started, e.g. a crash)."""
+    return settings.log_dir / "server.out"
 
 
 @dataclass
@@ -534,11 +540,12 @@ def start_foreground(settings: Settings, model: Path | None = None, demo: bool =
     argv += list(extra_args)
     log = log_file(settings)
     log.parent.mkdir(parents=True, exist_ok=True)
+    out_path = out_file(settings)
     penv = dict(os.environ if env is None else env)
     penv.update({"SPARK_SETUP_PREFIX": str(settings.prefix), "SPARK_SETUP_MODELS_DIR": str(settings.models_dir),
                  "SPARK_SETUP_STATE_DIR": str(settings.state_dir)})
     penv.pop("NOTIFY_SOCKET", None)
-    with open(log, "ab") as out:
+    with open(out_path, "wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=penv, close_fds=True)
     started = psutil.Process(proc.pid).create_time()
@@ -565,9 +572,9 @@ def wait_foreground(settings: Settings, srv: ForegroundServer, timeout_s: float 
         if code == 200:
             return obs
         if not srv.alive():
-            tail = _tail(srv.log, 5)
+            tail = _tail(srv.log.with_name("server.out"), 5) or _tail(srv.log, 5)
             raise UserError(f"the server exited while starting: {tail[-1] if tail else 'no output'}",
-                            f"see {srv.log}")
+                            f"see {srv.log.with_name('server.out')} and {srv.log}")
         if obs.elapsed_s > timeout_s:
             raise UserError(f"the server did not become ready in {timeout_s:.0f} s", f"see {srv.log}")
         time.sleep(poll_s)

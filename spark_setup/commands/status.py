@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         if data["last_tokens_per_s"] is not None:
             t.add_row("last tokens/s", f"{data['last_tokens_per_s']:.1f}")
         elif data["smoke_tokens_per_s"]:
-            t.add_row("last tokens/s", f"{data['smoke_tokens_per_s']:.1f} (smoke test; none served yet)")
+            t.add_row("last tokens/s", f"{data['smoke_tokens_per_s']:.1f} (the install's smoke test)")
         if data["log"]:
             t.add_row("log", data["log"])
         ui.console.print(t)
