@@ -482,10 +482,14 @@ class _Fatal(Exception):
         self.error = error
 
 
+MAX_SPAN = 4  # chunks per request: big requests (few round trips), fine-grained completion (small resume loss)
+
+
 def _chunk_size(size: int, conns: int) -> int:
-    """Ranges small enough to spread over the connections and keep resume losses small, big enough to be cheap."""
+    """The unit of completion, resume and in-order hashing: at most 16 MiB, so the ranges still in flight at the
+    end (what the hasher has left when the last byte lands) stay small; requests span up to MAX_SPAN of them."""
     target = size // max(1, conns * 8)
-    return int(min(64 * MiB, max(256 * 1024, target)) // (64 * 1024) * (64 * 1024))
+    return int(min(16 * MiB, max(256 * 1024, target)) // (64 * 1024) * (64 * 1024))
 
 
 class Fetch:
@@ -503,6 +507,7 @@ class Fetch:
         self.abort = threading.Event()  # internal: a fatal error or the switch to one sequential stream
         self.error: UserError | None = None
         self.sequential_owner: int | None = None
+        self._marks: dict[int, tuple[int, int]] = {}  # per connection: next chunk to mark, last chunk of its span
         self.url = remote.url
         self.hub_origin = _origin(endpoint())
         self.read_timeout = _env_float("SPARK_SETUP_READ_TIMEOUT", 30.0)
@@ -577,11 +582,18 @@ class Fetch:
         return sum(min(self.size, (i + 1) * self.chunk) - i * self.chunk for i in done)
 
     # ---- workers
-    def _next_chunk(self) -> int | None:
+    def _next_span(self) -> tuple[int, int] | None:
+        """The lowest pending chunk and up to MAX_SPAN-1 pending neighbours (fewer near the end, so the tail
+        spreads over all connections)."""
         with self.lock:
-            if self.pending:
-                return self.pending.pop(0)
-        return None
+            if not self.pending:
+                return None
+            k = max(1, min(MAX_SPAN, len(self.pending) // self.conns))
+            first = last = self.pending.pop(0)
+            while k > 1 and self.pending and self.pending[0] == last + 1:
+                last = self.pending.pop(0)
+                k -= 1
+            return first, last
 
     def _mark_done(self, idx: int) -> None:
         with self.cond:
@@ -591,6 +603,7 @@ class Fetch:
     def _count(self, n: int) -> None:
         with self.lock:
             self.received += n
+            self.t_last_byte = time.monotonic()
 
     def _request_headers(self, url: str) -> dict[str, str]:
         h = {"Accept-Encoding": "identity", "User-Agent": "spark-setup"}
@@ -615,13 +628,13 @@ class Fetch:
         timeout = httpx.Timeout(connect=20.0, read=self.read_timeout, write=20.0, pool=20.0)
         with httpx.Client(timeout=timeout, follow_redirects=False, http2=False) as client:
             while not (self.stop.is_set() or self.abort.is_set()):
-                idx = self._next_chunk()
-                if idx is None:
+                span = self._next_span()
+                if span is None:
                     return
                 with self.lock:
                     self.active += 1
                 try:
-                    self._fetch_chunk(client, wid, idx)
+                    self._fetch_span(client, wid, *span)
                 except _Fatal as exc:
                     with self.lock:
                         self.error = self.error or exc.error
@@ -632,9 +645,10 @@ class Fetch:
                     with self.lock:
                         self.active -= 1
 
-    def _fetch_chunk(self, client: httpx.Client, wid: int, idx: int) -> None:
-        start = idx * self.chunk
-        end = min(self.size, start + self.chunk) - 1
+    def _fetch_span(self, client: httpx.Client, wid: int, first: int, last_idx: int) -> None:
+        start = first * self.chunk
+        end = min(self.size, (last_idx + 1) * self.chunk) - 1
+        self._marks[wid] = (first, last_idx)
         pos, attempts, last = start, 0, ""
         while pos <= end:
             if self.stop.is_set() or (self.abort.is_set() and self.sequential_owner != wid):
@@ -643,7 +657,7 @@ class Fetch:
             try:
                 r = self._open(client, pos, end)
                 try:
-                    pos = self._consume(r, wid, idx, pos, end)
+                    pos = self._consume(r, wid, pos, end)
                 finally:
                     r.close()
                 if pos == -1:  # switched to one sequential stream, which wrote everything
@@ -663,10 +677,18 @@ class Fetch:
             delay = min(30.0, 0.25 * 2 ** (attempts - 1)) * (0.5 + random.random() / 2)
             if self.stop.event.wait(delay):
                 return
-        self._mark_done(idx)
-        self.flush(covering=idx)
+        self._completed_upto(wid, end + 1)
 
-    def _consume(self, r: httpx.Response, wid: int, idx: int, pos: int, end: int) -> int:
+    def _completed_upto(self, wid: int, pos: int) -> None:
+        """Mark (and record in the sidecar) every chunk of this connection's span that ends at or before pos."""
+        nxt, last = self._marks[wid]
+        while nxt <= last and min(self.size, (nxt + 1) * self.chunk) <= pos:
+            self._mark_done(nxt)
+            self.flush(covering=nxt)
+            nxt += 1
+        self._marks[wid] = (nxt, last)
+
+    def _consume(self, r: httpx.Response, wid: int, pos: int, end: int) -> int:
         code = r.status_code
         if code == 206:
             cr = r.headers.get("Content-Range", "")
@@ -682,7 +704,7 @@ class Fetch:
                     "re-run; if it persists the file was replaced upstream (see `spark-setup models`)"))
             if unit != "bytes" or a != pos or b > end:
                 raise _Retry(f"server sent range {a}-{b}, asked {pos}-{end}")
-            return self._write_stream(r, pos, b)
+            return self._write_stream(r, wid, pos, b)
         if code == 200:
             return self._sequential(r, wid)
         if code in (401, 403, 404, 410):
@@ -701,7 +723,7 @@ class Fetch:
         raise _Fatal(UserError(f"unexpected HTTP {code} while downloading {self.t.file}",
                                "re-run; if it persists report it with the URL"))
 
-    def _write_stream(self, r: httpx.Response, pos: int, last: int) -> int:
+    def _write_stream(self, r: httpx.Response, wid: int, pos: int, last: int) -> int:
         for buf in r.iter_raw(1 * MiB):
             n = len(buf)
             if pos + n > last + 1:
@@ -709,6 +731,7 @@ class Fetch:
             self._pwrite(buf, pos)
             pos += n
             self._count(n)
+            self._completed_upto(wid, pos)
             if self.stop.is_set() or self.abort.is_set():
                 return pos
         return pos
@@ -819,6 +842,7 @@ class Fetch:
         self._preallocate()
         self.flush()
         self.reporter.start(t.file, self.size, already)
+        self.t_start = self.t_last_byte = time.monotonic()
         hasher = threading.Thread(target=self._hasher, name="sha256", daemon=True)
         hasher.start()
         workers = [threading.Thread(target=self._worker, args=(w,), name=f"conn{w}", daemon=True)
@@ -851,6 +875,7 @@ class Fetch:
             raise UserError(f"downloading {t.file} stopped early ({human(self.done_bytes())} of {human(self.size)})",
                             "re-run to resume")
         hasher.join()
+        self.t_hashed = time.monotonic()
         if self.digest is None:
             raise UserError(f"could not hash {t.part}", "re-run to resume")
         os.fsync(self.fd)
@@ -903,15 +928,21 @@ class FileLock:
 
 
 class _Signals:
-    """SIGINT/SIGTERM set the stop flag (workers finish their write, the sidecar is flushed, exit 130/143)."""
+    """SIGINT/SIGTERM set the stop flag (workers finish their write, the sidecar is flushed, exit 130/143);
+    outside a transfer (hashing, a HEAD) the stop is checked between steps; a second signal stops at once."""
 
     def __init__(self, stop: _Stop):
         self.stop, self.old = stop, {}
 
+    def _handle(self, signum, frame) -> None:
+        if self.stop.is_set():
+            raise interrupted(signum, "before progress could be saved")
+        self.stop.set(signum)
+
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                self.old[s] = signal.signal(s, lambda signum, frame: self.stop.set(signum))
+                self.old[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc):
@@ -920,6 +951,16 @@ class _Signals:
 
 
 # ---------------------------------------------------------------- the public entry points
+
+def interrupted(signum: int, what: str) -> UserError:
+    return UserError(f"interrupted by {signal.Signals(signum).name} {what}", "run the same command again to resume",
+                     exit_code=128 + int(signum))
+
+
+def _check_stop(stop: _Stop, what: str) -> None:
+    if stop.is_set():
+        raise interrupted(stop.signum or signal.SIGINT, what)
+
 
 def _file_result(t: Target, pin: Pin, sha256: str | None, status: str) -> dict[str, Any]:
     return {"path": str(t.dest), "file": t.file, "label": t.label, "repo": t.repo, "revision": pin.revision,
@@ -974,6 +1015,7 @@ def fetch_targets(settings: Settings, targets: list[Target], *, connections: int
                     def tick(n: int, name=f"{t.file} (verify)") -> None:
                         hashed[0] += n
                         reporter.update(name, hashed[0], 0)
+                        _check_stop(stop, f"while verifying {name}")
 
                     sha, oid = hash_file(t.dest, tick)
                     if os.path.getsize(t.dest) == pin.size and _matches_pin(pin, sha, oid):
@@ -1011,6 +1053,7 @@ def fetch_targets(settings: Settings, targets: list[Target], *, connections: int
                 else:
                     asked = pin.commit if pin is not None else (revision or catalog.DEFAULT_REVISION)
                     remote = head(t.repo, t.file, asked, tok)
+                _check_stop(stop, "while asking the hub")
                 if pin is None:
                     pin = published_pin(t.repo, t.file, asked, remote, tok)
                     store.record(pin)
@@ -1061,7 +1104,9 @@ def fetch_targets(settings: Settings, targets: list[Target], *, connections: int
                     t.sidecar.unlink(missing_ok=True)
                     _record_verified(state, t, pin, sha)
                     reporter.finish(t.file, "verified")
-                    results[t.key] = _file_result(t, pin, sha, "downloaded")
+                    results[t.key] = _file_result(t, pin, sha, "downloaded") | {
+                        "fetched_bytes": fetch.received, "transfer_s": round(fetch.t_last_byte - fetch.t_start, 3),
+                        "verify_tail_s": round(max(0.0, fetch.t_hashed - fetch.t_last_byte), 3)}
     finally:
         reporter.close()
     return DownloadResult(files=[results[t.key] for t in targets], skipped=False, notes=notes)

@@ -249,7 +249,7 @@ class _Base(BaseHTTPRequestHandler):
                 hub.stall_times -= 1
         corrupt_at = blob.size // 2 if (repo, path) in hub.corrupt else None
         sent, t0, block = 0, time.monotonic(), 256 * 1024
-        pos = start
+        pos, fh = start, None
         try:
             while pos <= end:
                 n = min(block, end + 1 - pos)
@@ -260,12 +260,20 @@ class _Base(BaseHTTPRequestHandler):
                 if stall is not None and sent >= stall[0]:
                     time.sleep(stall[1])
                     stall = None
-                buf = blob.read(pos, n)
-                if corrupt_at is not None and pos <= corrupt_at < pos + n:
-                    b = bytearray(buf)
-                    b[corrupt_at - pos] ^= 0xFF
-                    buf = bytes(b)
-                self.wfile.write(buf)
+                if isinstance(blob.src, Path) and corrupt_at is None:  # big files: zero-copy from the page cache
+                    self.wfile.flush()
+                    if fh is None:
+                        fh = open(blob.src, "rb")
+                    n = self.connection.sendfile(fh, pos, n) or 0
+                    if n == 0:
+                        break
+                else:
+                    buf = blob.read(pos, n)
+                    if corrupt_at is not None and pos <= corrupt_at < pos + n:
+                        b = bytearray(buf)
+                        b[corrupt_at - pos] ^= 0xFF
+                        buf = bytes(b)
+                    self.wfile.write(buf)
                 pos += n
                 sent += n
                 with hub.lock:
@@ -277,6 +285,9 @@ class _Base(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return
+        finally:
+            if fh is not None:
+                fh.close()
         if pos <= end:  # injected drop: cut the connection mid-body
             self.close_connection = True
             try:
@@ -393,10 +404,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=None, help="bytes/s per connection")
     ap.add_argument("--no-cdn", action="store_true")
     ap.add_argument("--url-file", type=Path, help="write the hub URL here once serving")
+    ap.add_argument("--sha256", action="append", default=[], help="known SHA-256 of each --file (skips hashing)")
     args = ap.parse_args()
     hub = FakeHub(cdn=not args.no_cdn, rate=args.rate).start()
-    for f in args.file:
-        hub.add_file(args.repo, f.name, f)
+    for i, f in enumerate(args.file):
+        hub.add_file(args.repo, f.name, f, sha256=args.sha256[i] if i < len(args.sha256) else None)
     if args.url_file:
         args.url_file.write_text(hub.url)
     print(hub.url, flush=True)
