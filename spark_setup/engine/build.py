@@ -377,11 +377,13 @@ def build_engine(settings: Settings, arch: str = "auto", jobs: Optional[int] = N
                     shutil.rmtree(tree)
                     rc = _stream(_cmake_args(arch, tc, tree), log, on_line, env, engine_dir)
                 if rc != 0:
+                    log.flush()
                     raise UserError(f"engine configure failed ({_first_error(log_path) or 'cmake exit ' + str(rc)}); "
                                     f"full log: {log_path}", f"read {log_path}")
                 n = jobs or os.cpu_count() or 1
                 rc = _stream([tc.ninja, "-C", str(tree), f"-j{n}"], log, on_line, env, engine_dir)
                 if rc != 0:
+                    log.flush()
                     raise UserError(f"engine build failed ({_first_error(log_path) or 'ninja exit ' + str(rc)}); "
                                     f"full log: {log_path}", f"read {log_path}")
         finally:
