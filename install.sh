@@ -10,7 +10,8 @@
 # prefix), then runs `spark-setup install` with the remaining flags. Re-running upgrades in place.
 #
 # The whole script is one function, called from a brace group on the last line: a truncated download is a syntax
-# error and executes nothing.
+# error and executes nothing, and the `exit` in that group means bash never reads past it (a copy of this file
+# replaced while it runs cannot inject lines).
 
 spark_setup_install() {
     set -eu
@@ -24,7 +25,7 @@ spark_setup_install() {
     local python="${SPARK_SETUP_PYTHON:-python3}"
     # Extra pip options (e.g. an index mirror, --no-index --find-links DIR); split on spaces.
     local pip_args="${SPARK_SETUP_PIP_ARGS:-}"
-    local from_source="" cli_only=0 force=0
+    local from_source="" cli_only=0 force=0 prefix_given=0
     local pass=()
 
     say() { printf '==> %s\n' "$*"; }
@@ -60,8 +61,8 @@ EOF
 
     while [ $# -gt 0 ]; do
         case "$1" in
-            --prefix) need_value "$@"; prefix=$2; pass+=(--prefix "$2"); shift 2 ;;
-            --prefix=*) prefix=${1#--prefix=}; pass+=(--prefix "$prefix"); shift ;;
+            --prefix) need_value "$@"; prefix=$2; prefix_given=1; shift 2 ;;
+            --prefix=*) prefix=${1#--prefix=}; prefix_given=1; shift ;;
             --from-source) need_value "$@"; from_source=$2; shift 2 ;;
             --from-source=*) from_source=${1#--from-source=}; shift ;;
             --cli-only) cli_only=1; shift ;;
@@ -112,6 +113,8 @@ EOF
     # -- venv ------------------------------------------------------------------------------------------------
     prefix=$(mkdir -p "$prefix" && cd "$prefix" && pwd) || die "cannot create $prefix" "choose another --prefix"
     local venv="$prefix/venv"
+    # the CLI gets the resolved prefix (the user's flag may have been relative)
+    [ "$prefix_given" = 0 ] || pass=(--prefix "$prefix" ${pass[@]+"${pass[@]}"})
     if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import pip' >/dev/null 2>&1; then
         say "upgrading spark-setup in place ($venv)"
     else
@@ -199,4 +202,4 @@ EOF
     fi
 }
 
-{ spark_setup_install "$@"; }
+{ spark_setup_install "$@"; exit; }

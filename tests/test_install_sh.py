@@ -81,9 +81,27 @@ def test_truncated_copies_execute_nothing(tmp_path):
 def test_script_shape():
     text = SCRIPT.read_text()
     lines = [line for line in text.splitlines() if line.strip()]
-    assert lines[-1] == '{ spark_setup_install "$@"; }'
+    assert lines[-1] == '{ spark_setup_install "$@"; exit; }'
     assert lines[0] == "#!/usr/bin/env bash" and "\nspark_setup_install() {\n" in text
     assert "    set -eu" in text.splitlines()
+
+
+def test_a_script_rewritten_while_running_injects_nothing(tmp_path):
+    # bash reads a script as it goes: an upgrade that rewrites install.sh under a running copy must not make bash
+    # execute what now follows the call. `cat` (used by --help) appends a line to the running script.
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    copy = tmp_path / "install.sh"
+    _exe(spy / "cat", f'printf "echo INJECTED\\n" >> "{copy}"\nexec /bin/cat "$@"')
+    env = _env(tmp_path, PATH=f"{spy}:/usr/bin:/bin")
+    copy.write_bytes(SCRIPT.read_bytes())
+    out = _bash(["--help"], env, script=copy)
+    assert out.returncode == 0 and "Usage:" in out.stdout and "INJECTED" not in out.stdout
+    assert copy.read_text().endswith("echo INJECTED\n")  # the spy did append
+    # without the `exit` in the last line's group, the appended line would run: the guard is what passes above
+    copy.write_text(SCRIPT.read_text().replace('{ spark_setup_install "$@"; exit; }', 'spark_setup_install "$@"'))
+    out = _bash(["--help"], env, script=copy)
+    assert "INJECTED" in out.stdout
 
 
 # --- flags and host checks (fast: they stop before pip) -------------------------------------------------------
@@ -208,7 +226,8 @@ def installed(tmp_path_factory):
     prefix = tmp / "prefix"
     (tmp / "home").mkdir()
     env = _env(tmp / "home", PIP_CACHE_DIR=str(tmp / "pip-cache"), SPARK_SETUP_PYTHON=REAL_PYTHON)
-    out = _bash(["--from-source", ".", "--prefix", str(prefix), "--yes"], env, timeout=900, cwd=src)
+    out = _bash(["--from-source", ".", "--prefix", str(prefix), "--yes"], env, script=Path("install.sh"),
+                timeout=900, cwd=src)
     return tmp, src, prefix, env, out
 
 
@@ -233,7 +252,8 @@ def test_install_from_clean_checkout_then_rerun(installed):
     before = _snapshot(prefix)
     pkg = next((prefix / "venv" / "lib").glob("python3*/site-packages/spark_setup/__init__.py"))
     pkg_mtime = pkg.stat().st_mtime_ns
-    out2 = _bash(["--from-source", str(src), "--prefix", str(prefix), "--yes", "--cli-only"], env, timeout=900)
+    out2 = _bash(["--from-source", str(src), "--prefix", str(prefix), "--yes", "--cli-only"], env,
+                 script=src / "install.sh", timeout=900)
     assert out2.returncode == 0, out2.stderr
     assert "upgrading spark-setup in place" in out2.stdout
     after = _snapshot(prefix)
