@@ -856,6 +856,39 @@ def service_state(settings: Settings) -> ServiceState:
     return ServiceState(mode="none", log=str(log_file(settings)) if log_file(settings).exists() else None)
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    out = {}
+    try:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                k, _, v = line.partition("=")
+                out[k.strip()] = v.strip().strip('"')
+    except OSError:
+        pass
+    return out
+
+
+def running_url(settings: Settings, state: ServiceState | None = None) -> str:
+    """The URL of the server that runs (the unit's env file, or the detached server's pid file), else settings'."""
+    state = state or service_state(settings)
+    host, port = settings.host, settings.port
+    if state.mode in ("system", "user"):
+        env = read_env_file(unit_locations(state.mode)[1])  # type: ignore[arg-type]
+        host = env.get("SPARK_SETUP_HOST") or host
+        try:
+            port = int(env.get("SPARK_SETUP_PORT") or port)
+        except ValueError:
+            pass
+    elif state.mode == "foreground":
+        fg = read_foreground(settings)
+        if fg is not None:
+            host, port = fg.host, fg.port
+    from dataclasses import replace
+
+    return server_url(replace(settings, host=host, port=port))
+
+
 def stop(settings: Settings) -> list[str]:
     """Stop whatever runs the server (unit(s) and/or the detached server); returns what was stopped."""
     done = []

@@ -118,6 +118,9 @@ def test_demo_install_serve_status_rerun_uninstall(installed):
     assert data["engine_key"] and data["engine_arch"] == "cpu" and data["variant"] == "demo"
     assert data["model"] and data["uptime_s"] is not None and data["pid"]
     pid = data["pid"]
+    logs = subprocess.run([str(cli), "logs", "-n", "50", "--prefix", str(prefix)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert logs.returncode == 0 and "ready: model" in logs.stdout, logs.stdout + logs.stderr
 
     # Re-running install skips every step, each in under a second, and keeps the same server.
     t0 = time.monotonic()

@@ -117,6 +117,8 @@ def test_enable_ready_restart_stop(box):
     st = json.loads(cp.stdout)
     assert st["mode"] == "system" and st["healthy"] and st["pid"] == int(props["MainPID"]), st
     assert st["uptime_s"] is not None and st["model"]
+    logs = box.run([CLI, "logs", "-n", "200", "--prefix", str(box.prefix)], env=box.env)
+    assert logs.returncode == 0 and "ready: model" in logs.stdout and "spark-setup[" in logs.stdout, logs.stdout
 
     # 5. enabling again restarts in place: unchanged files, still exactly one listener on the port.
     cp = enable(box)

@@ -29,7 +29,7 @@ def _tokens_per_s(body: dict[str, Any]) -> float | None:
 
 def collect(settings) -> dict[str, Any]:
     st = service.service_state(settings)
-    url = service.server_url(settings)
+    url = service.running_url(settings, st)
     code, body = service.health(url)
     r = rc.load(settings)
     files = r.get("files") or []
