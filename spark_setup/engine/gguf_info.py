@@ -665,7 +665,9 @@ def bytes_per_token(tensors: Sequence[Tensor], ctx: int, *, n_expert_used: int =
             else:
                 layers += t.nbytes
         kv_t = ts.get("attn_kv.weight")
-        head_dim = kv_t.dims[1] if kv_t is not None and len(kv_t.dims) > 1 else HEAD_DIM
+        if kv_t is None or len(kv_t.dims) < 2:
+            continue  # no attention in this layer's table: nothing cached to read
+        head_dim = kv_t.dims[1]
         rows = min(ctx, window)
         if ratio:
             rows += min(comp_rows, top_k) if has_indexer else comp_rows
