@@ -408,7 +408,7 @@ class Readiness:
 def health(url: str, timeout: float = 2.0) -> tuple[int | None, dict]:
     """GET <url>/health -> (status code or None when nothing answers, JSON body or {})."""
     try:
-        r = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
+        r = httpx.get(url.rstrip("/") + "/health", timeout=timeout, trust_env=False)  # loopback: no proxies
     except httpx.HTTPError:
         return None, {}
     try:
@@ -916,6 +916,16 @@ def remove_units(settings: Settings) -> tuple[list[str], list[str]]:
         live = systemd_booted() and (scope == "system" or user_manager_running())
         if live:
             ctl.run("disable", "--now", UNIT_NAME, check=False, timeout=120)
+        # The service's own state dir belongs to the service user: remove it with the unit's privileges.
+        svc_state = read_env_file(envf).get("SPARK_SETUP_STATE_DIR")
+        if svc_state and Path(svc_state).name == "server" and Path(svc_state).exists():
+            if scope == "system":
+                ctl.privileged(["rm", "-rf", "--one-file-system", svc_state], f"removing {svc_state}")
+            else:
+                import shutil as _sh
+
+                _sh.rmtree(svc_state, ignore_errors=True)
+            removed.append(svc_state)
         for f in (unit, envf):
             if f.exists():
                 if scope == "system" and ctl.sudo:

@@ -106,8 +106,11 @@ def test_demo_install_serve_status_rerun_uninstall(installed):
 
     client = OpenAI(base_url=url + "/v1", api_key="none", timeout=120)
     model = client.models.list().data[0].id
+    from spark_setup.smoke import QUESTION
+
     reply = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+                                           messages=[{"role": "user", "content": QUESTION}],
+                                           extra_body={"thinking": {"type": "disabled"}})
     assert reply.choices[0].message.content and "Paris" in reply.choices[0].message.content
 
     # status reports it.

@@ -56,7 +56,7 @@ def model_id(url: str) -> str:
     import httpx
 
     try:
-        data = httpx.get(url + "/v1/models", timeout=3).json()
+        data = httpx.get(url + "/v1/models", timeout=3, trust_env=False).json()
         return str(data["data"][0]["id"])
     except Exception:  # the curl example still works with any name the server accepts
         return "deepseek-v4-flash"
@@ -65,7 +65,9 @@ def model_id(url: str) -> str:
 def print_ready(url: str, out: Console | None = None) -> None:
     out = out or console
     mid = model_id(url)
-    body = json.dumps({"model": mid, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    from ..smoke import QUESTION
+
+    body = json.dumps({"model": mid, "messages": [{"role": "user", "content": QUESTION}]})
     out.print(f"[bold green]ready:[/] {url}  (OpenAI-compatible: {url}/v1)")
     out.print("try it:")
     out.print(f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
