@@ -46,6 +46,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __device__ __forceinline__ float4 ldx4(const float *p) { return __ldg(reinterpret_cast<const float4 *>(p)); }
 
+// Small integers to float without I2F (a quarter-rate instruction that would bound these kernels): one PRMT puts
+// byte k of w into the low mantissa bits of 2^23, one FADD removes 2^23. Exact.
+__device__ __forceinline__ float ubyte_f(uint32_t w, int k) {
+    return __uint_as_float(__byte_perm(w, 0x4B00u, 0x5440u | (unsigned)k)) - 8388608.0f;
+}
+// Signed byte k, given wb = w ^ 0x80808080 (each byte biased by 128).
+__device__ __forceinline__ float sbyte_f(uint32_t wb, int k) {
+    return __uint_as_float(__byte_perm(wb, 0x4B00u, 0x5440u | (unsigned)k)) - 8388736.0f;
+}
+
 // ---- per-type tile geometry and lane decode+dot ----------------------------------------------------------------
 
 template <int T>
@@ -61,17 +71,17 @@ struct Q<DS4_TYPE_Q8_0> {
         const float d = ld_half(p);
         const unsigned short *q2 = reinterpret_cast<const unsigned short *>(p + 2);
         const float *xb = x + BV * lane;
-        float s = 0.0f;
+        float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const float4 xv = ldx4(xb + 4 * i);
-            const unsigned short a = q2[2 * i], b = q2[2 * i + 1];
-            s = fmaf((float)(int8_t)(a & 0xff), xv.x, s);
-            s = fmaf((float)(int8_t)(a >> 8), xv.y, s);
-            s = fmaf((float)(int8_t)(b & 0xff), xv.z, s);
-            s = fmaf((float)(int8_t)(b >> 8), xv.w, s);
+            const uint32_t wb = ((uint32_t)q2[2 * i] | ((uint32_t)q2[2 * i + 1] << 16)) ^ 0x80808080u;
+            s0 = fmaf(sbyte_f(wb, 0), xv.x, s0);
+            s1 = fmaf(sbyte_f(wb, 1), xv.y, s1);
+            s0 = fmaf(sbyte_f(wb, 2), xv.z, s0);
+            s1 = fmaf(sbyte_f(wb, 3), xv.w, s1);
         }
-        return s * d;
+        return (s0 + s1) * d;
     }
 };
 
@@ -97,12 +107,12 @@ struct Q<DS4_TYPE_Q2_K> {
                 float sq = 0.0f, sx = 0.0f;
 #pragma unroll
                 for (int w = 0; w < 4; w++) {
-                    const uint32_t q4 = qs[4 * h16 + w] >> (2 * j);
+                    const uint32_t q4 = (qs[4 * h16 + w] >> (2 * j)) & 0x03030303u;
                     const float4 xv = ldx4(xb + 4 * w);
-                    sq = fmaf((float)(q4 & 3), xv.x, sq);
-                    sq = fmaf((float)((q4 >> 8) & 3), xv.y, sq);
-                    sq = fmaf((float)((q4 >> 16) & 3), xv.z, sq);
-                    sq = fmaf((float)((q4 >> 24) & 3), xv.w, sq);
+                    sq = fmaf(ubyte_f(q4, 0), xv.x, sq);
+                    sq = fmaf(ubyte_f(q4, 1), xv.y, sq);
+                    sq = fmaf(ubyte_f(q4, 2), xv.z, sq);
+                    sq = fmaf(ubyte_f(q4, 3), xv.w, sq);
                     sx += (xv.x + xv.y) + (xv.z + xv.w);
                 }
                 acc = fmaf(d * (float)(sc & 15), sq, acc);
@@ -140,16 +150,16 @@ struct Q<DS4_TYPE_Q4_K> {
         float s0 = 0.0f, x0 = 0.0f, s1 = 0.0f, x1 = 0.0f;
 #pragma unroll
         for (int w = 0; w < 8; w++) {
-            const uint32_t q = qs[w];
+            const uint32_t lo = qs[w] & 0x0F0F0F0Fu, hi = (qs[w] >> 4) & 0x0F0F0F0Fu;
             const float4 a = ldx4(xb + 4 * w), h = ldx4(xb + 32 + 4 * w);
-            s0 = fmaf((float)(q & 15), a.x, s0);
-            s0 = fmaf((float)((q >> 8) & 15), a.y, s0);
-            s0 = fmaf((float)((q >> 16) & 15), a.z, s0);
-            s0 = fmaf((float)((q >> 24) & 15), a.w, s0);
-            s1 = fmaf((float)((q >> 4) & 15), h.x, s1);
-            s1 = fmaf((float)((q >> 12) & 15), h.y, s1);
-            s1 = fmaf((float)((q >> 20) & 15), h.z, s1);
-            s1 = fmaf((float)((q >> 28) & 15), h.w, s1);
+            s0 = fmaf(ubyte_f(lo, 0), a.x, s0);
+            s0 = fmaf(ubyte_f(lo, 1), a.y, s0);
+            s0 = fmaf(ubyte_f(lo, 2), a.z, s0);
+            s0 = fmaf(ubyte_f(lo, 3), a.w, s0);
+            s1 = fmaf(ubyte_f(hi, 0), h.x, s1);
+            s1 = fmaf(ubyte_f(hi, 1), h.y, s1);
+            s1 = fmaf(ubyte_f(hi, 2), h.z, s1);
+            s1 = fmaf(ubyte_f(hi, 3), h.w, s1);
             x0 += (a.x + a.y) + (a.z + a.w);
             x1 += (h.x + h.y) + (h.z + h.w);
         }
@@ -159,10 +169,12 @@ struct Q<DS4_TYPE_Q4_K> {
 };
 
 // IQ2_XXS: 66-byte blocks of 256; tile = 16 blocks (1056 B = 66 chunks); lane = half a block (4 groups of 32).
+// tabs = the grid (256 entries) then, per 7-bit sign index, 8 byte masks (0xFF = negative), both in shared memory.
+// Signs are applied to 4 grid bytes at once: (g ^ m) + (m & 1) is -g in two's complement where m = 0xFF.
 template <>
 struct Q<DS4_TYPE_IQ2_XXS> {
     static constexpr int BB = 66, BV = 256, BPT = 16;
-    __device__ static float dot(const uint8_t *tile, int lane, int nvalid, const float *x, const uint64_t *grid) {
+    __device__ static float dot(const uint8_t *tile, int lane, int nvalid, const float *x, const uint64_t *tabs) {
         const int b = lane >> 1, g0 = 4 * (lane & 1);
         if (b >= nvalid) return 0.0f;
         const uint8_t *p = tile + BB * b;
@@ -177,15 +189,20 @@ struct Q<DS4_TYPE_IQ2_XXS> {
             float s = 0.0f;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                const uint64_t gv = grid[(w0 >> (8 * k)) & 0xff];
-                const uint32_t sbits = iq2xxs_sign_byte((w1 >> (7 * k)) & 127u);
+                const uint64_t gv = tabs[(w0 >> (8 * k)) & 0xff];
+                const uint64_t m = tabs[256 + ((w1 >> (7 * k)) & 127u)];
+                const uint32_t m_lo = (uint32_t)m, m_hi = (uint32_t)(m >> 32);
+                const uint32_t lo = ((((uint32_t)gv ^ m_lo) + (m_lo & 0x01010101u))) ^ 0x80808080u;
+                const uint32_t hi = ((((uint32_t)(gv >> 32) ^ m_hi) + (m_hi & 0x01010101u))) ^ 0x80808080u;
                 const float4 xa = ldx4(xg + 8 * k), xb = ldx4(xg + 8 * k + 4);
-                const float xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-#pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    const float v = (float)((gv >> (8 * e)) & 0xff);
-                    s = fmaf((sbits >> e) & 1 ? -v : v, xs[e], s);
-                }
+                s = fmaf(sbyte_f(lo, 0), xa.x, s);
+                s = fmaf(sbyte_f(lo, 1), xa.y, s);
+                s = fmaf(sbyte_f(lo, 2), xa.z, s);
+                s = fmaf(sbyte_f(lo, 3), xa.w, s);
+                s = fmaf(sbyte_f(hi, 0), xb.x, s);
+                s = fmaf(sbyte_f(hi, 1), xb.y, s);
+                s = fmaf(sbyte_f(hi, 2), xb.z, s);
+                s = fmaf(sbyte_f(hi, 3), xb.w, s);
             }
             acc = fmaf(d * (0.5f + (float)(w1 >> 28)) * 0.25f, s, acc);
         }
@@ -236,9 +253,16 @@ __global__ void __launch_bounds__(32 * kWarps) matvec_q(Rows rows, int64_t total
     static_assert(TB % 16 == 0, "tile must be a whole number of 16-byte chunks");
 
     __shared__ uint4 tiles[kWarps][CH];
-    __shared__ uint64_t grid_s[T == DS4_TYPE_IQ2_XXS ? 256 : 1];
+    __shared__ uint64_t tabs[T == DS4_TYPE_IQ2_XXS ? 256 + 128 : 1];
     if (T == DS4_TYPE_IQ2_XXS) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_s[i] = d_iq2xxs_grid[i];
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) tabs[i] = d_iq2xxs_grid[i];
+        for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+            const uint32_t sb = iq2xxs_sign_byte((uint32_t)i);
+            uint64_t m = 0;
+            for (int e = 0; e < 8; e++)
+                if ((sb >> e) & 1) m |= (uint64_t)0xff << (8 * e);
+            tabs[256 + i] = m;
+        }
         __syncthreads();
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -289,7 +313,7 @@ __global__ void __launch_bounds__(32 * kWarps) matvec_q(Rows rows, int64_t total
         }
         if (nr < total_rows) load(nr, nt);
         const int nvalid = min(QT::BPT, nblocks - t * QT::BPT);
-        acc += QT::dot(tile, lane, nvalid, rows.xin(r) + (int64_t)t * QT::BPT * QT::BV, grid_s);
+        acc += QT::dot(tile, lane, nvalid, rows.xin(r) + (int64_t)t * QT::BPT * QT::BV, tabs);
         if (nt == 0) {
             acc = warp_sum(acc);
             if (lane == 0) *rows.out(r) = acc;
