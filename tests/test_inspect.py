@@ -280,3 +280,53 @@ def test_missing_file_and_bad_ctx(tmp_path):
     assert r.returncode == 1 and "no such file" in r.stderr
     r = run_cli("inspect", str(tmp_path / "nope.gguf"), "--ctx", "-1")
     assert r.returncode == 2
+
+
+# ---- the MTP draft file (facts §C) ---------------------------------------------------------------------------
+
+def _mtp_table(tool):
+    """§C's table, typed out here: plain tensors as F16, experts Q4_K (the file name says Q4K)."""
+    F32, F16, Q8, Q4K = tool.F32, tool.F16, tool.Q8_0, 12
+    p = "mtp.0."
+    t = [("hc_head_fn.weight", (16384, 4), F16), ("hc_head_base.weight", (4,), F32),
+         ("hc_head_scale.weight", (1,), F32), ("e_proj.weight", (4096, 4096), Q8),
+         ("h_proj.weight", (4096, 4096), Q8), ("enorm.weight", (4096,), F32), ("hnorm.weight", (4096,), F32),
+         ("norm.weight", (4096,), F32), ("hc_attn_fn.weight", (16384, 24), F16),
+         ("hc_ffn_fn.weight", (16384, 24), F16), ("hc_attn_scale.weight", (3,), F32),
+         ("hc_ffn_scale.weight", (3,), F32), ("hc_attn_base.weight", (24,), F32),
+         ("hc_ffn_base.weight", (24,), F32), ("attn_norm.weight", (4096,), F32),
+         ("attn_q_a.weight", (4096, 1024), Q8), ("attn_q_a_norm.weight", (1024,), F32),
+         ("attn_q_b.weight", (1024, 32768), Q8), ("attn_kv.weight", (4096, 512), Q8),
+         ("attn_kv_a_norm.weight", (512,), F32), ("attn_sinks.weight", (64,), F32),
+         ("attn_output_a.weight", (4096, 8192), Q8), ("attn_output_b.weight", (8192, 4096), Q8),
+         ("ffn_norm.weight", (4096,), F32), ("ffn_gate_inp.weight", (4096, 256), F16),
+         ("exp_probs_b.bias", (256,), F32), ("ffn_gate_exps.weight", (4096, 2048, 256), Q4K),
+         ("ffn_up_exps.weight", (4096, 2048, 256), Q4K), ("ffn_down_exps.weight", (2048, 4096, 256), Q4K),
+         ("ffn_gate_shexp.weight", (4096, 2048), Q8), ("ffn_up_shexp.weight", (4096, 2048), Q8),
+         ("ffn_down_shexp.weight", (2048, 4096), Q8)]
+    return [(p + n, dims, typ, "const", {}) for n, dims, typ in t]
+
+
+def test_mtp_layout(tmp_path):
+    tool = _synthetic_tool()
+    tool.BLOCK[12] = (256, 144)  # Q4_K, which the Q2 generator never writes
+    table = _mtp_table(tool)
+    hdr, _pos, _layout, total = tool.build_header(table, ["a"], [])
+    path = tmp_path / "mtp.gguf"
+    with open(path, "wb") as fh:
+        fh.truncate(total)
+        fh.write(hdr)
+    info = gi.read_info(path)
+    assert info.kind == "mtp" and info.mismatches == []
+    assert info.tensor_bytes == 3_803_799_020  # facts §C: the sum of these tensors
+    # a Q2-typed expert set is also accepted by ds4's MTP binder; a wrong shape is not
+    table2 = [(n, (2048, 4096) if n.endswith("e_proj.weight") else d, tool.Q2_K if "down_exps" in n else t, k, kw)
+              for n, d, t, k, kw in table if not n.endswith("enorm.weight")]
+    hdr, _pos, _layout, total = tool.build_header(table2, ["a"], [])
+    bad = tmp_path / "mtp-bad.gguf"
+    with open(bad, "wb") as fh:
+        fh.truncate(total)
+        fh.write(hdr)
+    found = {(m.name, m.expected, m.found) for m in gi.read_info(bad).mismatches}
+    assert found == {("mtp.0.e_proj.weight", "dims [4096,4096]", "dims [2048,4096]"),
+                     ("mtp.0.enorm.weight", "F32 [4096]", "missing")}
