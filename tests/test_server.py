@@ -1,0 +1,398 @@
+"""The server as clients see it: the real `openai` client against `spark-setup serve --foreground --demo`, a real
+uvicorn process on a free loopback port, running the CPU engine on the bundled demo model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from spark_setup.demo import demo_model_path
+from spark_setup.engine import chat
+from spark_setup.engine.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-123"
+Q = "What is the capital of France? Answer in one word."
+Q_PLAIN = "What is the capital of France?"
+UNTRAINED = "Write a long story about a dragon who learns to paint."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state = tmp / "state"
+        self.out = tmp / "stdout.log"
+        e = dict(os.environ, SPARK_SETUP_STATE_DIR=str(self.state), SPARK_SETUP_PREFIX=str(tmp / "prefix"))
+        e.update(env or {})
+        cmd = [sys.executable, "-m", "spark_setup", "serve", "--foreground", "--port", str(self.port), *args]
+        with open(self.out, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=e)
+
+    def wait_ready(self, timeout=120.0) -> dict:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            assert self.proc.poll() is None, self.out.read_text()
+            try:
+                r = httpx.get(self.url + "/health", timeout=2)
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("server not ready: " + self.out.read_text()[-2000:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_gguf(demo_model_path())
+
+
+@pytest.fixture(scope="module")
+def server(engine_lib, tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("srv"), "--demo", "--ctx", "256", "--api-key", KEY, "--max-queue", "1")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def ask(client, content=Q, thinking=False, **kw):
+    extra = {"thinking": {"type": "enabled" if thinking else "disabled"}, **kw.pop("extra_body", {})}
+    return client.chat.completions.create(model="ds4-demo", messages=[{"role": "user", "content": content}],
+                                          extra_body=extra, temperature=kw.pop("temperature", 0), **kw)
+
+
+def stream_parts(stream):
+    reasoning, content, finish, usage, kinds = [], [], None, None, []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+            assert chunk.choices == []
+            continue
+        for ch in chunk.choices:
+            d = ch.delta
+            r = getattr(d, "reasoning_content", None)
+            if r:
+                reasoning.append(r)
+                kinds.append("r")
+            if d.content:
+                content.append(d.content)
+                kinds.append("c")
+            finish = ch.finish_reason or finish
+    return "".join(reasoning), "".join(content), finish, usage, kinds
+
+
+def test_models_lists_the_demo(client):
+    assert [m.id for m in client.models.list().data] == ["ds4-demo"]
+
+
+def test_chat_non_streaming_answers_paris_with_exact_usage(client, tok):
+    r = ask(client)
+    msg = r.choices[0].message
+    assert msg.content == "Paris" and r.choices[0].finish_reason == "stop"
+    assert getattr(msg, "reasoning_content", None) is None
+    prompt = chat.render([chat.Message("user", Q)], thinking=False)
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    assert r.usage.completion_tokens == len(tok.encode("Paris"))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streaming_with_final_usage_chunk(client, tok):
+    stream = ask(client, Q_PLAIN, stream=True, stream_options={"include_usage": True})
+    reasoning, content, finish, usage, _ = stream_parts(stream)
+    assert (reasoning, content, finish) == ("", "The capital of France is Paris.", "stop")
+    assert usage.completion_tokens == len(tok.encode(content))
+    assert usage.prompt_tokens == len(tok.encode(chat.render([chat.Message("user", Q_PLAIN)], thinking=False)))
+
+
+def test_thinking_is_the_default_and_comes_as_reasoning_content(client, tok):
+    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}], temperature=0)
+    msg = r.choices[0].message
+    assert msg.reasoning_content == f"The user asks: {Q_PLAIN} The capital of France is Paris."
+    assert msg.content == "Paris"
+    # reasoning + </think> + answer are all completion tokens
+    assert r.usage.completion_tokens == len(tok.encode(msg.reasoning_content + "</think>" + msg.content))
+    stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}], temperature=0,
+                                            stream=True)
+    reasoning, content, _, usage, kinds = stream_parts(stream)
+    assert (reasoning, content) == (msg.reasoning_content, "Paris") and usage is None
+    assert kinds == sorted(kinds, key=lambda k: k != "r")  # all reasoning deltas before any content
+
+
+def test_think_false_turns_thinking_off(client):
+    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}], temperature=0,
+                                       extra_body={"think": False})
+    assert r.choices[0].message.content == "Paris"
+    assert getattr(r.choices[0].message, "reasoning_content", None) is None
+
+
+def test_completions_plain_and_streaming(client, tok):
+    prompt = chat.render([chat.Message("user", "What is the capital of Italy?")], thinking=False)
+    r = client.completions.create(model="x", prompt=prompt, max_tokens=20, temperature=0)
+    assert r.choices[0].text == "The capital of Italy is Rome." and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    parts = [c.choices[0].text for c in client.completions.create(model="x", prompt=prompt, max_tokens=20,
+                                                                   temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == "The capital of Italy is Rome." and len([p for p in parts if p]) > 2
+    short = client.completions.create(model="x", prompt=prompt, temperature=0)  # OpenAI default: 16 tokens
+    assert short.usage.completion_tokens <= 16
+
+
+def test_stop_strings_are_not_emitted_even_across_tokens(client):
+    r = ask(client, Q_PLAIN, stop=["France"])
+    assert r.choices[0].message.content == "The capital of " and r.choices[0].finish_reason == "stop"
+    # " is Par" spans three tokens (" is", " Par", "is"): caught, and nothing of it is streamed
+    _, content, finish, _, _ = stream_parts(ask(client, Q_PLAIN, stop=[" is Par"], stream=True))
+    assert (content, finish) == ("The capital of France", "stop")
+
+
+def test_max_tokens_cuts_with_finish_length(client):
+    r = ask(client, Q_PLAIN, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    assert r.choices[0].message.content == "The capital of"
+
+
+def test_same_seed_same_text(client):
+    run = lambda seed: ask(client, UNTRAINED, temperature=1.0, top_p=1.0, seed=seed, max_tokens=24,  # noqa: E731
+                           extra_body={"min_p": 0.0}).choices[0].message.content
+    first = run(11)
+    assert run(11) == first
+    assert any(run(s) != first for s in (12, 13, 14))
+
+
+def test_prefix_of_the_live_session_is_reused(client, server):
+    ask(client, Q_PLAIN)
+    before = server.health()["stats"]
+    r = ask(client, Q)  # shares BOS, <｜User｜> and the question's words with the previous prompt
+    after = server.health()["stats"]
+    assert r.choices[0].message.content == "Paris"
+    assert after["reused_tokens"] - before["reused_tokens"] >= 8
+
+
+def test_two_concurrent_clients_both_correct_and_the_second_waits(client):
+    def one(q):
+        r = httpx.post(client.base_url.join("chat/completions").__str__(), headers={"Authorization": f"Bearer {KEY}"},
+                       json={"messages": [{"role": "user", "content": q}], "temperature": 0, "think": False},
+                       timeout=120)
+        return r.json()
+
+    with ThreadPoolExecutor(2) as ex:
+        a, b = ex.map(one, [Q_PLAIN, "What is the capital of Japan?"])
+    assert a["choices"][0]["message"]["content"] == "The capital of France is Paris."
+    assert b["choices"][0]["message"]["content"] == "The capital of Japan is Tokyo."
+    queued = sorted([a["timings"]["queued_s"], b["timings"]["queued_s"]])
+    assert queued[1] > 0.01 and queued[1] > 5 * queued[0]
+
+
+def test_disconnect_mid_stream_cancels_and_the_next_request_works(client, server):
+    before = server.health()["stats"]["generated_tokens"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"messages": [{"role": "user", "content": UNTRAINED}], "stream": True, "max_tokens": 200,
+                            "temperature": 1.0, "min_p": 0.0, "seed": 3, "think": False,
+                            "stop": []}, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                seen += 1
+                if seen >= 3:
+                    break
+    # the client is gone: the server must stop generating for it
+    time.sleep(1.0)
+    during = server.health()["stats"]["generated_tokens"]
+    time.sleep(1.0)
+    after = server.health()["stats"]["generated_tokens"]
+    assert after == during, "still generating after the client left"
+    assert after - before < 200
+    assert ask(client).choices[0].message.content == "Paris"
+
+
+def test_queue_full_gets_429_with_retry_after(server):
+    body = {"messages": [{"role": "user", "content": UNTRAINED}], "max_tokens": 120, "temperature": 1.0,
+            "min_p": 0.0, "seed": 1, "think": False}
+    h = {"Authorization": f"Bearer {KEY}"}
+    with ThreadPoolExecutor(4) as ex:
+        codes = []
+        futs = [ex.submit(httpx.post, server.url + "/v1/chat/completions", json=body, headers=h, timeout=120)
+                for _ in range(4)]
+        rs = [f.result() for f in futs]
+        codes = sorted(r.status_code for r in rs)
+    assert codes.count(200) >= 2 and 429 in codes, codes  # one running + one waiting (--max-queue 1)
+    r429 = next(r for r in rs if r.status_code == 429)
+    assert int(r429.headers["retry-after"]) >= 1 and r429.json()["error"]["code"] == "queue_full"
+
+
+@pytest.mark.parametrize("payload, param", [
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+])
+def test_wrong_types_are_400_with_an_openai_error(client, payload, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/chat/completions", body=payload, cast_to=object)
+    err = e.value.body
+    assert e.value.status_code == 400 and err["type"] == "invalid_request_error" and err["param"] == param
+
+
+def test_malformed_json_is_400(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": [', timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_prompt_longer_than_the_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Paris " * 400)
+    assert e.value.body["code"] == "context_length_exceeded" and "256" in e.value.body["message"]
+
+
+def test_wrong_or_missing_api_key_is_401(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # health stays open for probes
+
+
+def test_log_file_records_requests(server, client):
+    ask(client)
+    log = server.state / "logs" / "server.log"
+    text = log.read_text()
+    assert "ready: model ds4-demo" in text and "generation finish=stop" in text
+
+
+def test_sigterm_drains_the_running_request_and_exits_0(engine_lib, tmp_path):
+    srv = Server(tmp_path, "--demo", "--ctx", "512")
+    srv.wait_ready()
+    got = {}
+
+    def run():
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        s = c.chat.completions.create(model="x", messages=[{"role": "user", "content": UNTRAINED}], stream=True,
+                                      max_tokens=60, temperature=1.0, seed=2, extra_body={"min_p": 0.0, "think": False})
+        got["parts"] = stream_parts(s)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.8)
+    srv.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert srv.proc.wait(60) == 0
+    assert got["parts"][2] in ("stop", "length")  # the request in flight finished normally
+
+
+def test_systemd_notify_status_and_ready(engine_lib, tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"spark-setup-test-{os.getpid()}"
+    sock.bind("\0" + name)  # abstract namespace, announced as @name
+    sock.settimeout(60)
+    srv = Server(tmp_path, "--demo", "--ctx", "256", env={"NOTIFY_SOCKET": "@" + name})
+    msgs = []
+    try:
+        while not any("READY=1" in m for m in msgs):
+            msgs.append(sock.recv(4096).decode())
+        assert httpx.get(srv.url + "/health").status_code == 200  # ready was sent only once it can answer
+        assert srv.stop() == 0
+        sock.settimeout(5)
+        while not any("STOPPING=1" in m for m in msgs):
+            msgs.append(sock.recv(4096).decode())
+    finally:
+        srv.stop()
+        sock.close()
+    statuses = [m for m in msgs if m.startswith("STATUS=loading")]
+    assert statuses and any("tokenizer" in m for m in statuses)
+
+
+def test_health_is_503_with_progress_while_loading(engine_lib, tmp_path):
+    """An in-process server whose loader waits on an event: /health must say 503 + progress, then 200."""
+    import uvicorn
+
+    from spark_setup.engine import server as srvmod
+
+    gate = threading.Event()
+
+    def slow_loader(path, ctx, backend, progress):
+        progress("loading weights on cpu")
+        gate.wait(30)
+        return srvmod.load_engine(path, ctx, backend, progress)
+
+    app = srvmod.create_app(srvmod.ServerConfig(model_path=demo_model_path(), ctx=128), loader=slow_loader)
+    port = free_port()
+    userver = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    th = threading.Thread(target=userver.run, daemon=True)
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                r = httpx.get(url + "/health")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["progress"] == "loading weights on cpu"
+        assert r.json()["percent"] == 10
+        c = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": Q}]})
+        assert c.status_code == 503 and c.json()["error"]["code"] == "model_loading"
+        gate.set()
+        for _ in range(200):
+            if httpx.get(url + "/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+    finally:
+        gate.set()
+        userver.should_exit = True
+        th.join(30)
+
+
+def test_busy_port_is_a_one_line_error(engine_lib, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "spark_setup", "serve", "--foreground", "--demo", "--port",
+                            str(port)], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, SPARK_SETUP_STATE_DIR=str(tmp_path)))
+    assert r.returncode == 1
+    assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
