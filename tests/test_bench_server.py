@@ -1,4 +1,8 @@
-"""bench end to end against our real server (`spark-setup serve --foreground --demo`) on the CPU engine."""
+"""bench end to end against our real server (`spark-setup serve --foreground`) on the CPU engine.
+
+The model is the bundled demo model when it is present, else a random tiny DS4 model from tools/make_tiny_model.py
+(the timings exercise the same server, engine and tokenizer path; only the answers differ).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from spark_setup.demo import demo_model_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -23,13 +30,22 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def demo_server(engine_lib, tmp_path):
-    if not demo_model_path().is_file():
-        pytest.skip(f"the demo model is not built yet ({demo_model_path()})")
+def served_model(tmp_path) -> tuple[Path, str]:
+    if demo_model_path().is_file():
+        return demo_model_path(), "ds4-demo"
+    sys.path.insert(0, str(REPO / "tools"))
+    import make_tiny_model as mt
+
+    return mt.write_random_gguf(mt.CONFIGS["s6"], tmp_path / "random-s6.gguf", seed=1), "random-s6"
+
+
+@pytest.fixture()
+def demo_server(engine_lib, tmp_path, served_model):
+    model, _name = served_model
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "spark_setup", "serve", "--foreground", "--demo", "--port",
-                             str(port), "--ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, SPARK_SETUP_STATE_DIR=str(tmp_path / "s")))
+    proc = subprocess.Popen([sys.executable, "-m", "spark_setup", "serve", "--foreground", "--model", str(model),
+                             "--port", str(port), "--ctx", "4096"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, SPARK_SETUP_STATE_DIR=str(tmp_path / "s")))
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1200):
@@ -50,17 +66,18 @@ def demo_server(engine_lib, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_against_our_server_with_the_demo_model(demo_server, tmp_path):
-    out = tmp_path / "bench.json"
+def test_bench_against_our_server(demo_server, served_model, tmp_path):
+    model, name = served_model
+    out = tmp_path / "bench.md"
     r = subprocess.run([sys.executable, "-m", "spark_setup", "bench", "--url", demo_server, "--pp", "64",
-                        "--tg", "8", "--depth", "0", "128", "--runs", "2", "--tokenizer", str(demo_model_path()),
+                        "--tg", "8", "--depth", "0", "128", "--runs", "2", "--tokenizer", str(model),
                         "--format", "md", "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "| model | test | t/s | peak t/s | ttfr (ms) | est_ppt (ms) | e2e_ttft (ms) |"
     rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in lines[2:6]]
     assert [row[1] for row in rows] == ["pp64", "tg8", "pp64 @ d128", "tg8 @ d128"]
-    assert all(row[0] == "ds4-demo" for row in rows)
+    assert all(row[0] == name for row in rows)
     for row in rows:
         mean = float(row[2].split("±")[0])
         assert mean > 0
@@ -68,7 +85,7 @@ def test_bench_against_our_server_with_the_demo_model(demo_server, tmp_path):
     md = out.read_text()
     assert md == r.stdout or md.rstrip("\n") == r.stdout.rstrip("\n")
     j = subprocess.run([sys.executable, "-m", "spark_setup", "bench", "--url", demo_server, "--pp", "32",
-                        "--tg", "4", "--runs", "1", "--tokenizer", str(demo_model_path()), "--format", "json"],
+                        "--tg", "4", "--runs", "1", "--tokenizer", str(model), "--format", "json"],
                        capture_output=True, text=True, timeout=600)
     assert j.returncode == 0, j.stderr
     data = json.loads(j.stdout)
