@@ -146,3 +146,14 @@ def python_home_binds() -> list[Path]:
     """The venv's interpreter, when it lives outside /usr (pyenv and the like): bind it at the same path."""
     base = Path(sys.base_prefix)
     return [] if base == Path("/usr") else [base]
+
+
+def venv_mismatch(root: Path) -> str | None:
+    """Why this venv cannot run inside `root`, or None. A venv on /usr's Python needs the same Python version in
+    the container (bookworm: 3.11); one on a Python elsewhere (pyenv) is bind-mounted and always works."""
+    if Path(sys.base_prefix) != Path("/usr"):
+        return None
+    exe = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if (root / "usr" / "bin" / exe).exists():
+        return None
+    return f"the venv uses /usr/bin/{exe}, which the Debian bookworm container does not have"

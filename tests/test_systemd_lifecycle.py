@@ -37,6 +37,9 @@ if _why:
 @pytest.fixture(scope="module")
 def box(engine_build):
     root = nspawn.prepare_root()
+    why = nspawn.venv_mismatch(root)
+    if why:
+        pytest.skip(why)
     # Not under /tmp or /var/tmp: the unit's PrivateTmp would hide it (service.private_tmp turns it off then).
     base = Path("/var/cache/spark-setup")
     base.mkdir(parents=True, exist_ok=True)
