@@ -209,3 +209,15 @@ def test_cuda_backend_compiles_warning_free(arch, tmp_path_factory):
         rc = lib.ds4_matvec(_lib.BACKEND_CUDA, _lib.TYPE_Q8_0, w.ctypes.data, 2, 32, x.ctypes.data_as(P),
                             y.ctypes.data_as(P))
         assert rc == _lib.DS4_E_BACKEND and b"no CUDA device" in lib.ds4_last_error()
+
+
+def test_old_builds_are_pruned(tmp_path):
+    eng = tmp_path / "engine"
+    for i, (key, arch) in enumerate([("a1", "cpu"), ("a2", "cpu"), ("a3", "cpu"), ("a4", "cpu"), ("g1", "sm_90")]):
+        d = eng / key
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"arch": arch}))
+        os.utime(d / "manifest.json", (1000 + i, 1000 + i))
+    removed = build.prune_builds(eng, "cpu", keep="a1")
+    assert sorted(p.name for p in removed) == ["a2"]  # keep a1 (current) + the two newest others (a4, a3)
+    assert sorted(p.name for p in eng.iterdir()) == ["a1", "a3", "a4", "g1"]

@@ -31,6 +31,7 @@ LIB_NAME = "libds4engine.so"
 ARTIFACTS = (LIB_NAME, "gguf_check", "bench_matvec")  # those that exist after the build are kept
 MANIFEST = "manifest.json"
 KEY_LEN = 16
+KEEP_BUILDS = 3  # finished builds kept per arch (the current one included); older ones are removed
 
 # First CUDA release whose nvcc targets each arch (for the "nvcc too old" message; nvcc --list-gpu-code decides).
 MIN_CUDA = {"sm_75": "10.0", "sm_80": "11.0", "sm_86": "11.1", "sm_87": "11.4", "sm_89": "11.8", "sm_90": "11.8",
@@ -421,7 +422,27 @@ def build_engine(settings: Settings, arch: str = "auto", jobs: Optional[int] = N
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
+        prune_builds(engine_dir, arch, keep=key)
         return BuildResult(key, arch, out_dir, out_dir / LIB_NAME, False, manifest, note)
+
+
+def prune_builds(engine_dir: Path, arch: str, keep: str, n_keep: int = KEEP_BUILDS) -> list[Path]:
+    """Remove all but the newest `n_keep` builds of `arch` (never `keep`). A process that has a removed library
+    loaded keeps running: its mapping stays valid after the unlink."""
+    others = []
+    for mf in engine_dir.glob(f"*/{MANIFEST}"):
+        try:
+            m = json.loads(mf.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and m.get("arch") == arch and mf.parent.name != keep:
+            others.append((mf.stat().st_mtime, mf.parent))
+    removed = []
+    for _, d in sorted(others, reverse=True)[max(0, n_keep - 1):]:
+        shutil.rmtree(d, ignore_errors=True)
+        (engine_dir / "logs" / f"build-{d.name}.log").unlink(missing_ok=True)
+        removed.append(d)
+    return removed
 
 
 def find_engine(settings: Settings, arch: Optional[str] = None) -> Optional[Path]:
