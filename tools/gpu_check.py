@@ -188,7 +188,10 @@ def main(argv=None) -> int:
         print("note: the gguf package is not importable here: comparing CUDA with the CPU kernels only")
     failed = 0
     for t in TYPES:
-        problems = check_type(lib, t, have_gguf)
+        try:
+            problems = check_type(lib, t, have_gguf)
+        except RuntimeError as exc:  # an engine error (e.g. no CUDA device) fails the type, not the script
+            problems = [str(exc)]
         print(f"{'PASS' if not problems else 'FAIL'} {t}" + ("" if not problems else ": " + "; ".join(problems)))
         failed += bool(problems)
     print(f"{len(TYPES) - failed}/{len(TYPES)} types pass (dequantize: CUDA == CPU{' == gguf' if have_gguf else ''} "
