@@ -151,3 +151,12 @@ def test_cuda_backend_missing_is_a_clean_error(lib):
     with pytest.raises(_lib.EngineError, match="built without CUDA") as ei:
         engine_matvec(lib, "Q8_0", raw, 32, x, backend=_lib.BACKEND_CUDA)
     assert ei.value.code == _lib.DS4_E_BACKEND
+
+
+def test_internal_kernel_checks(engine_build):
+    """csrc/tests/quant_check.cpp: cpu_matmul == cpu_matvec bit for bit (1/2/8 threads), fp16/bf16 rounding."""
+    import subprocess
+
+    exe = engine_build.build_dir / "quant_check"
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr

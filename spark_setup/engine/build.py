@@ -28,7 +28,7 @@ from ..settings import Settings
 
 ENGINE_DIR = Path(__file__).resolve().parent
 LIB_NAME = "libds4engine.so"
-ARTIFACTS = (LIB_NAME, "gguf_check", "bench_matvec")  # those that exist after the build are kept
+ARTIFACTS = (LIB_NAME, "gguf_check", "quant_check", "bench_matvec")  # those that exist after the build are kept
 MANIFEST = "manifest.json"
 KEY_LEN = 16
 KEEP_BUILDS = 3  # finished builds kept per arch (the current one included); older ones are removed
