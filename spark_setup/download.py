@@ -223,7 +223,7 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tupl
     with open(path, "rb", buffering=0) as f:
         fd, pos = f.fileno(), 0
         while True:
-            buf = f.read(8 * MiB)
+            buf = f.read(MiB)
             if not buf:
                 break
             h.update(buf)
@@ -793,7 +793,7 @@ class Fetch:
                     return
             a, b = i * self.chunk, min(self.size, (i + 1) * self.chunk)
             while a < b:
-                buf = os.pread(self.fd, min(8 * MiB, b - a), a)
+                buf = os.pread(self.fd, min(MiB, b - a), a)  # cache-sized blocks: hashed while still hot
                 if not buf:
                     return
                 h.update(buf)

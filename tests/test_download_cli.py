@@ -121,17 +121,18 @@ def test_sigkill_then_resume_refetches_at_most_one_range_per_connection(hub, env
     assert "resuming at" in r.stderr
 
 
-def test_sigterm_saves_progress_exits_143_and_resumes(hub, env):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_progress_exits_128_plus_signal_and_resumes(hub, env, sig):
     data = blob(6 * MiB, 2)
     hub.add_file(REPO, BASE, data)
     hub.rate = 1 * MiB
     side = models_dir(env) / (BASE + ".part.json")
     p = cli(env, "download", "--connections", "2")
     assert wait_for(lambda: sidecar_done(side) >= MiB)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=20)
-    assert p.returncode == 143, err
-    assert "interrupted by SIGTERM" in err and "run the same command again to resume" in err
+    assert p.returncode == 128 + sig, err  # 143 for SIGTERM, 130 for Ctrl-C
+    assert f"interrupted by {sig.name}" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
     assert sidecar_done(side) >= MiB and (models_dir(env) / (BASE + ".part")).exists()
     hub.rate = None
