@@ -298,3 +298,21 @@ def test_resume_from_a_sidecar_refetches_only_missing_ranges(hub, settings, monk
     sent = hub.bytes_sent(REPO, BASE)
     assert Path(run(settings).files[0]["path"]).read_bytes() == data
     assert hub.bytes_sent(REPO, BASE) - sent == len(data) - half
+
+
+def test_file_changing_size_between_head_and_get_is_refused(hub, settings, monkeypatch):
+    data = blob(MiB, 19)
+    hub.add_file(REPO, BASE, data)
+    Path(run(settings).files[0]["path"]).unlink()  # pinned; the local copy is gone, so the next run fetches
+    real_head = dl.head
+
+    def head_then_swap(*a, **k):
+        r = real_head(*a, **k)
+        hub.replace_in_place(REPO, BASE, blob(MiB + 4096, 20))  # the upload lands right after our HEAD
+        return r
+
+    monkeypatch.setattr(dl, "head", head_then_swap)
+    with pytest.raises(UserError, match="changed on the server during the download"):
+        run(settings)
+    assert not (settings.models_dir / BASE).exists()
+    assert (settings.models_dir / (BASE + ".part.json")).exists()  # the partial and its sidecar are kept
