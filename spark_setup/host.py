@@ -281,12 +281,20 @@ def _process_name(pid: int) -> tuple[str | None, str | None]:
         return None, None
 
 
-def find_nvcc(env: dict[str, str] | os._Environ = os.environ) -> str | None:
-    """nvcc on PATH, else $CUDA_HOME/$CUDA_PATH/bin, else /usr/local/cuda/bin (services often lack it on PATH)."""
+def find_nvcc(env: Any = None) -> str | None:
+    """The nvcc the engine build would use: $CUDACXX, PATH, $CUDA_HOME/$CUDA_PATH, /usr/local/cuda/bin, then the
+    newest /usr/local/cuda-X.Y/bin (services often run without the toolkit on PATH)."""
+    env = os.environ if env is None else env
+    if env.get("CUDACXX"):
+        found = shutil.which(env["CUDACXX"], path=env.get("PATH"))
+        if found:
+            return found
     found = shutil.which("nvcc", path=env.get("PATH"))
     if found:
         return found
-    for base in (env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"):
+    bases = [env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"]
+    bases += [str(p) for p in sorted(Path("/usr/local").glob("cuda-*"), reverse=True)]
+    for base in bases:
         if base:
             cand = Path(base) / "bin" / "nvcc"
             if cand.is_file() and os.access(cand, os.X_OK):
@@ -326,14 +334,26 @@ def _venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
+def _pypi_tool_dir(name: str) -> Path | None:
+    """Where the `cmake` / `ninja` PyPI packages keep their binaries (what the engine build uses first)."""
+    try:
+        mod = __import__(name)
+        d = getattr(mod, "CMAKE_BIN_DIR", None) or getattr(mod, "BIN_DIR", None)
+        return Path(d) if d else None
+    except Exception:
+        return None
+
+
 def probe_tool(names: list[str], prefer_venv: bool = False) -> Tool:
-    """First of `names` found (the venv's bin first when asked: pip's cmake/ninja live there)."""
+    """First of `names` found (with prefer_venv: the PyPI package's and the venv's bin first, as the build does)."""
     candidates: list[str] = []
     if prefer_venv:
-        for n in names:
-            cand = _venv_bin() / n
-            if cand.is_file() and os.access(cand, os.X_OK):
-                candidates.append(str(cand))
+        dirs = [d for d in (_pypi_tool_dir(names[0]), _venv_bin()) if d is not None]
+        for d in dirs:
+            for n in names:
+                cand = d / n
+                if cand.is_file() and os.access(cand, os.X_OK):
+                    candidates.append(str(cand))
     for n in names:
         found = shutil.which(n)
         if found:

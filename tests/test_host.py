@@ -122,6 +122,7 @@ def test_nvcc_found_via_cuda_home_and_parsed(tmp_path, monkeypatch):
               "esac")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvcc on PATH
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.delenv("CUDACXX", raising=False)
     if host.shutil.which("nvcc", path="/usr/bin:/bin"):
         pytest.skip("nvcc in /usr/bin")
     tool, archs = host.probe_nvcc()
@@ -129,11 +130,18 @@ def test_nvcc_found_via_cuda_home_and_parsed(tmp_path, monkeypatch):
     assert archs == ["compute_75", "compute_90", "compute_100", "compute_120"]
 
 
+def test_cudacxx_wins(tmp_path, monkeypatch):
+    nvcc = _fake_exe(tmp_path / "my-nvcc", "exit 0")
+    monkeypatch.setenv("CUDACXX", str(nvcc))
+    assert host.find_nvcc() == str(nvcc)
+
+
 def test_hanging_or_failing_nvcc_is_recorded(tmp_path, monkeypatch):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     _fake_exe(bindir / "nvcc", "sleep 30")
     monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDACXX", raising=False)
     monkeypatch.setattr(host, "CMD_TIMEOUT", 0.5)
     t0 = time.monotonic()
     tool, archs = host.probe_nvcc()
@@ -157,8 +165,15 @@ def test_cmake_prefers_the_venv(monkeypatch, tmp_path):
     venv_bin.mkdir(parents=True)
     _fake_exe(venv_bin / "cmake", 'echo "cmake version 3.31.6"')
     monkeypatch.setattr(host, "_venv_bin", lambda: venv_bin)
+    monkeypatch.setattr(host, "_pypi_tool_dir", lambda name: None)
     t = host.probe_tool(["cmake"], prefer_venv=True)
     assert t == Tool(str(venv_bin / "cmake"), "3.31.6", None)
+    # the PyPI package's own bin dir comes first: that is the cmake the engine build runs
+    pkg_bin = tmp_path / "cmake-data" / "bin"
+    pkg_bin.mkdir(parents=True)
+    _fake_exe(pkg_bin / "cmake", 'echo "cmake version 4.1.2"')
+    monkeypatch.setattr(host, "_pypi_tool_dir", lambda name: pkg_bin if name == "cmake" else None)
+    assert host.probe_tool(["cmake"], prefer_venv=True) == Tool(str(pkg_bin / "cmake"), "4.1.2", None)
 
 
 def test_facts_from_dict_ignores_unknown_keys_and_rebuilds_nested():
