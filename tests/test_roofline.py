@@ -56,15 +56,21 @@ def test_probe_arguments_and_cpu_probe(engine_lib):
 
 
 @pytest.mark.gpu
-def test_cuda_probe_on_the_gpu(engine_lib):
-    """On the GPU machine (engine built with CUDA, DS4_ENGINE_LIB pointing at it): HBM-class numbers."""
+def test_cuda_probe_on_the_gpu(tmp_path_factory):
+    """On a GPU machine: build the CUDA engine and probe device memory (HBM / LPDDR5X-class numbers)."""
     from spark_setup.engine import _lib
+    from spark_setup.engine.build import build_engine
+    from spark_setup.settings import load_settings
 
-    lib = _lib.load(os.environ.get("DS4_ENGINE_LIB", engine_lib))
-    if not lib.ds4_has_cuda():
-        pytest.skip("engine built without CUDA")
-    bw = r.probe_bandwidth("cuda", 1 << 30, 5, lib=lib)
-    assert bw.read_gbs > 100 and bw.copy_gbs > 100
+    res = build_engine(load_settings({"prefix": tmp_path_factory.mktemp("cuda-engine")}, env={}), arch="auto",
+                       progress=False)
+    if res.arch == "cpu":
+        pytest.skip("no CUDA build possible here")
+    lib = _lib.load(res.lib_path)
+    bw = r.probe_bandwidth("cuda", 2 << 30, 5, lib=lib)
+    assert bw.backend == "cuda" and bw.read_gbs > 100 and bw.copy_gbs > 100
+    auto = r.probe_bandwidth("auto", 1 << 30, 3, lib=lib)
+    assert auto.backend == "cuda"
 
 
 def test_cli_probe_cpu(engine_lib):
