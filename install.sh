@@ -81,7 +81,10 @@ EOF
     case "$arch" in
         aarch64 | arm64) ;;
         x86_64 | amd64)
-            note "CPU $arch: not a DGX Spark. Use --demo (CPU demo) or '--target generic' for another NVIDIA GPU." ;;
+            case " ${pass[*]+${pass[*]}} " in
+                *" --demo "* | *" --target "*) ;;
+                *) note "CPU $arch: not a DGX Spark. Use --demo (CPU demo) or '--target generic' for another NVIDIA GPU." ;;
+            esac ;;
         *)
             [ "$force" = 1 ] || die "unsupported CPU architecture: $arch" \
                 "spark-setup supports aarch64 (DGX Spark) and x86_64; pass --force to try anyway" ;;
