@@ -616,11 +616,17 @@ def gguf_path_for(name: str, seed: int = 0, cache_dir: Path | None = None) -> Pa
     return d / f"{name}-seed{seed}-{cache_key(spec, seed)}.gguf"
 
 
-def build_reference(config_name: str, seed: int = 0, cache_dir: Path | None = None, dtype=None):
-    """(transformers model with the file's effective weights, path of the cached GGUF)."""
+def ensure_gguf(config_name: str, seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """Path of the cached GGUF of a tiny config (written on first use)."""
     path = gguf_path_for(config_name, seed, cache_dir)
     if not path.exists():
         write_random_gguf(CONFIGS[config_name], path, seed)
+    return path
+
+
+def build_reference(config_name: str, seed: int = 0, cache_dir: Path | None = None, dtype=None):
+    """(transformers model with the file's effective weights, path of the cached GGUF)."""
+    path = ensure_gguf(config_name, seed, cache_dir)
     return hf_from_gguf(path, dtype=dtype), path
 
 
