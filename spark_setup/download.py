@@ -977,6 +977,10 @@ def fetch_targets(settings: Settings, targets: list[Target], *, connections: int
         raise UsageError("--repin and --pins contradict each other", "drop one of them")
     state = settings.state_dir
     store = PinStore(state, pins_file)
+    for t in targets:  # an administrator's pins become this machine's pins (later runs need no --pins)
+        admin = store.extra.get(t.key)
+        if admin is not None and store.local.get(t.key) != admin:
+            store.record(admin)
     record = load_verified(state)
     results: dict[str, dict[str, Any]] = {}
 

@@ -215,6 +215,9 @@ def test_admin_pins_file_is_enforced(hub, settings, tmp_path):
     pins.write_text(json.dumps({"pins": [{"repo": REPO, "file": BASE, "commit": commit, "sha256": sha(data),
                                           "size": len(data)}]}))
     assert run(settings, pins_file=pins).files[0]["sha256"] == sha(data)
+    hub.add_file(REPO, BASE, blob(MiB, 99))  # main moves on; the admin's pin stays in force without --pins
+    again = run(settings)
+    assert again.skipped and again.files[0]["commit"] == commit
 
 
 def test_offline_uses_only_the_disk(hub, settings, monkeypatch):
