@@ -48,6 +48,7 @@ class Sample:
 
     start: float
     first_response: Optional[float] = None
+    first_byte: Optional[float] = None  # first body byte (recorded for diagnosis; ttfr uses first_response)
     first_token: Optional[float] = None
     last_token: Optional[float] = None
     end: Optional[float] = None
@@ -409,6 +410,8 @@ async def stream_request(client: httpx.AsyncClient, url: str, payload: dict, hea
         buf = b""
         async for raw in r.aiter_raw():
             now = time.perf_counter()
+            if s.first_byte is None:
+                s.first_byte = now
             buf += raw
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
