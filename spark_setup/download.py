@@ -1069,7 +1069,14 @@ def fetch_targets(settings: Settings, targets: list[Target], *, connections: int
             need = sum(p.size - _part_done(t, p) for t, p, _, _ in plans)
             dirs = {t.dest.parent for t, *_ in plans}
             for d in dirs:
-                d.mkdir(parents=True, exist_ok=True)
+                try:
+                    d.mkdir(parents=True, exist_ok=True)
+                    probe = d / f".spark-setup-write-test.{os.getpid()}"
+                    probe.touch()
+                    probe.unlink()
+                except OSError as exc:
+                    raise UserError(f"cannot write model files to {d}: {exc.strerror}",
+                                    "choose a writable --models-dir (or fix its permissions)") from None
                 free = shutil.disk_usage(d).free
                 margin = min(GiB, need // 50)
                 if free < need + margin:

@@ -319,3 +319,12 @@ def test_file_changing_size_between_head_and_get_is_refused(hub, settings, monke
         run(settings)
     assert not (settings.models_dir / BASE).exists()
     assert (settings.models_dir / (BASE + ".part.json")).exists()  # the partial and its sidecar are kept
+
+
+def test_unwritable_models_dir_is_a_clear_error(hub, tmp_path):
+    hub.add_file(REPO, BASE, blob(1000, 21))
+    (tmp_path / "afile").write_text("x")
+    s = load_settings({"prefix": tmp_path / "p", "models_dir": tmp_path / "afile" / "models"}, env={},
+                      config_file=tmp_path / "none.toml")
+    with pytest.raises(UserError, match="cannot write model files to .*afile/models: Not a directory"):
+        run(s)
