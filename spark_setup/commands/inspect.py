@@ -82,7 +82,20 @@ def _render(info: Any, ctx: int, all_metadata: bool) -> None:
     if info.valid:
         con.print(f"[green]layout: matches the DS4 {info.kind} layout[/]")
     else:
-        mt = Table(title=f"layout: {len(info.mismatches)} difference(s) from the DS4 {info.kind} layout",
+        kinds = {"missing": 0, "unexpected": 0, "dims": 0, "type": 0, "metadata": 0}
+        for m in info.mismatches:
+            if m.found == "missing":
+                kinds["missing"] += 1
+            elif m.expected == "absent":
+                kinds["unexpected"] += 1
+            elif m.found.startswith("dims "):
+                kinds["dims"] += 1
+            elif m.found.startswith("type "):
+                kinds["type"] += 1
+            else:
+                kinds["metadata"] += 1
+        summary = ", ".join(f"{v} {k}" for k, v in kinds.items() if v)
+        mt = Table(title=f"layout: {len(info.mismatches)} difference(s) from the DS4 {info.kind} layout ({summary})",
                    show_edge=False, title_style="bold red")
         mt.add_column("name", no_wrap=True)
         mt.add_column("expected")
