@@ -54,8 +54,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(result.to_json(), indent=2))
             return
         for f in result.files:
-            word = {"verified": "verified, nothing to do", "downloaded": "downloaded and verified"}.get(f["status"],
-                                                                                                     f["status"])
+            word = {"verified": "re-hashed, matches the pin" if verify else "verified, nothing to do",
+                    "downloaded": "downloaded and verified"}.get(f["status"], f["status"])
             typer.echo(f"{f['label']}: {word}  ({dl.human(f['size'])}, SHA-256 {(f['sha256'] or '')[:16]}…, "
                        f"commit {f['commit'][:12]})  {f['path']}")
         if result.current:
