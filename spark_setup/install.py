@@ -430,8 +430,9 @@ def uninstall(settings: Settings, plan: UninstallPlan) -> tuple[list[str], list[
         p.unlink(missing_ok=True)
         removed.append(str(p))
     for p in sorted(plan.remove, key=lambda x: x == venv):
-        _rm(p)
-        removed.append(str(p))
+        if p.exists() or p.is_symlink():  # the service's state dir may already be gone with the units
+            _rm(p)
+            removed.append(str(p))
     for d in (settings.models_dir, settings.state_dir, settings.prefix):
         try:
             d.rmdir()  # only when empty

@@ -180,3 +180,31 @@ def test_uninstall_removes_unit_and_user(box):
     assert box.run(["getent", "passwd", "spark-setup"]).returncode != 0
     assert box.run(["test", "-e", "/etc/spark-setup/server.env"]).returncode != 0
     assert box.http_status(URL + "/health") is None
+
+
+def test_user_scope_under_a_lingering_user_manager(box):
+    """`serve --enable --user` for a user without sudo: a user unit under that user's systemd (linger on)."""
+    assert box.run(["useradd", "-m", "-s", "/bin/bash", "alice"]).returncode == 0
+    assert box.run(["loginctl", "enable-linger", "alice"]).returncode == 0
+    uid = box.run(["id", "-u", "alice"], check=True).stdout.strip()
+    wait_for(lambda: box.run(["systemctl", "is-active", f"user@{uid}.service"]).stdout.strip() == "active", 60,
+             "alice's user manager")
+    prefix = box.scratch / "alice"
+    box.run(["install", "-d", "-o", "alice", str(prefix)], check=True)
+    env = {**box.env, "HOME": "/home/alice", "USER": "alice", "XDG_RUNTIME_DIR": f"/run/user/{uid}"}
+
+    def as_alice(*argv, timeout=300):
+        return box.run(["runuser", "-u", "alice", "--", *argv], env=env, timeout=timeout)
+
+    cp = as_alice(CLI, "serve", "--enable", "--user", *MODEL_ARGS, "--prefix", str(prefix))
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "started the user unit" in cp.stdout and f"ready: {URL}" in cp.stdout
+    props = as_alice("systemctl", "--user", "show", UNIT, "--property=ActiveState", "--property=MainPID").stdout
+    assert "ActiveState=active" in props, props
+    pid = re.search(r"MainPID=(\d+)", props).group(1)
+    assert box.run(["ps", "-o", "user=", "-p", pid]).stdout.strip() == "alice"
+    assert box.http_status(URL + "/health") == 200
+    cp = as_alice(CLI, "uninstall", "--yes", "--prefix", str(prefix))
+    assert cp.returncode == 0 and "/home/alice/.config/systemd/user/spark-setup.service" in cp.stdout, cp.stdout
+    assert box.http_status(URL + "/health") is None
+    assert box.run(["test", "-e", "/home/alice/.config/systemd/user/spark-setup.service"]).returncode != 0

@@ -8,9 +8,10 @@ main() {
     set -eu
     local root=${SPARK_SETUP_NSPAWN_ROOT:-/var/cache/spark-setup/nspawn-bookworm}
     local mirror=${SPARK_SETUP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-    # systemd + dbus boot it; python3 and these libraries let a bind-mounted venv (and its interpreter) run.
+    # systemd + dbus boot it (libpam-systemd: user managers for --user units); python3 and these libraries let a
+    # bind-mounted venv (and its interpreter) run.
     local include=systemd,systemd-sysv,dbus,python3,libstdc++6,libgomp1,libssl3,libffi8,libsqlite3-0,libbz2-1.0
-    include=$include,liblzma5,zlib1g,libreadline8,libncursesw6,procps,curl
+    include=$include,liblzma5,zlib1g,libreadline8,libncursesw6,procps,curl,libpam-systemd
     local stamp="$root/.spark-setup-root"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$include" ]; then
         echo "$root"
