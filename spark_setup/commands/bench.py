@@ -81,10 +81,10 @@ def register(app: typer.Typer) -> None:
 
         if fmt not in b.FORMATS:
             raise UsageError(f"--format must be one of {', '.join(b.FORMATS)}, got {fmt!r}")
+        s = settings_from(prefix=prefix, port=port, host=host)
         if url is None:
-            s = settings_from(prefix=prefix, port=port, host=host)
             url = f"http://{s.host}:{s.port}"
-        cfg = b.BenchConfig(url=url, model=model, pp=pp, tg=tg, depth=depth, runs=runs, concurrency=concurrency,
+        cfg = b.BenchConfig(url=url, model=model, models_dir=s.models_dir, pp=pp, tg=tg, depth=depth, runs=runs, concurrency=concurrency,
                             latency_mode=latency_mode, api_key=api_key, tokenizer=tokenizer, seed=seed,
                             warmup=not no_warmup)
         b.validate(cfg)
