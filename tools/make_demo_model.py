@@ -217,9 +217,12 @@ def main(argv=None) -> int:
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
     exported = mt.hf_from_gguf(args.out, dtype=torch.float32)
     bad = check(exported, Tokenizer.from_gguf(args.out), convs, "gguf")
+    import hashlib
+
     (args.out.parent / "ds4-demo.json").write_text(json.dumps({
         "conversations": len(convs), "vocab": len(vocab.tokens), "steps": args.steps, "seed": args.seed,
-        "exact_after_export": len(convs) - bad}, indent=1) + "\n")
+        "threads": args.threads, "torch": torch.__version__, "exact_after_export": len(convs) - bad,
+        "sha256": hashlib.sha256(args.out.read_bytes()).hexdigest()}, indent=1) + "\n")
     return 1 if bad else 0
 
 
