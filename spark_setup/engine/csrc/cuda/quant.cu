@@ -170,7 +170,7 @@ struct Q<DS4_TYPE_Q4_K> {
 
 // IQ2_XXS: 66-byte blocks of 256; tile = 16 blocks (1056 B = 66 chunks); lane = half a block (4 groups of 32).
 // tabs = the grid (256 entries) then, per 7-bit sign index, 8 byte masks (0xFF = negative), both in shared memory.
-// Signs are applied to 4 grid bytes at once: (g ^ m) + (m & 1) is -g in two's complement where m = 0xFF.
+// Signs are applied to 4 grid bytes at once (see the comment in the loop).
 template <>
 struct Q<DS4_TYPE_IQ2_XXS> {
     static constexpr int BB = 66, BV = 256, BPT = 16;
@@ -192,8 +192,10 @@ struct Q<DS4_TYPE_IQ2_XXS> {
                 const uint64_t gv = tabs[(w0 >> (8 * k)) & 0xff];
                 const uint64_t m = tabs[256 + ((w1 >> (7 * k)) & 127u)];
                 const uint32_t m_lo = (uint32_t)m, m_hi = (uint32_t)(m >> 32);
-                const uint32_t lo = ((((uint32_t)gv ^ m_lo) + (m_lo & 0x01010101u))) ^ 0x80808080u;
-                const uint32_t hi = ((((uint32_t)(gv >> 32) ^ m_hi) + (m_hi & 0x01010101u))) ^ 0x80808080u;
+                // biased signed bytes 128 +- g: (g ^ m) + 128 - m per byte (every byte result lies in 85..171, so
+                // the 32-bit add and subtract give exactly these bytes): one LOP3 + one IADD3 per 4 weights.
+                const uint32_t lo = ((uint32_t)gv ^ m_lo) + 0x80808080u - m_lo;
+                const uint32_t hi = ((uint32_t)(gv >> 32) ^ m_hi) + 0x80808080u - m_hi;
                 const float4 xa = ldx4(xg + 8 * k), xb = ldx4(xg + 8 * k + 4);
                 s = fmaf(sbyte_f(lo, 0), xa.x, s);
                 s = fmaf(sbyte_f(lo, 1), xa.y, s);
