@@ -77,3 +77,10 @@ def test_held_back_text_is_released_when_it_is_not_a_stop():
 def test_earliest_of_several_stops_wins_and_no_stops_passes_through():
     assert feed(["b", "a"], ["xxab"])[:2] == ("xx", True)
     assert feed([], ["a", "b"])[:2] == ("ab", False)
+
+
+def test_logit_bias_bans_and_boosts():
+    logits = np.array([5.0, 1.0, 0.0])
+    assert Sampler(SamplingParams(temperature=0, logit_bias={0: -100}))(logits) == 1
+    assert Sampler(SamplingParams(temperature=0, logit_bias={2: 6.0}))(logits) == 2
+    assert draws(logits, n=300, logit_bias={0: -100.0})[0] == 0

@@ -192,7 +192,8 @@ def test_max_tokens_cuts_with_finish_length(client):
 
 
 def test_same_seed_same_text(client):
-    run = lambda seed: ask(client, UNTRAINED, temperature=1.0, top_p=1.0, seed=seed, max_tokens=24,  # noqa: E731
+    # the demo model is sure of itself even on questions it never saw: a hot temperature makes draws differ
+    run = lambda seed: ask(client, UNTRAINED, temperature=2.5, top_p=1.0, seed=seed, max_tokens=24,  # noqa: E731
                            extra_body={"min_p": 0.0}).choices[0].message.content
     first = run(11)
     assert run(11) == first
@@ -208,27 +209,42 @@ def test_prefix_of_the_live_session_is_reused(client, server):
     assert after["reused_tokens"] - before["reused_tokens"] >= 8
 
 
-def test_two_concurrent_clients_both_correct_and_the_second_waits(client):
-    def one(q):
-        r = httpx.post(client.base_url.join("chat/completions").__str__(), headers={"Authorization": f"Bearer {KEY}"},
-                       json={"messages": [{"role": "user", "content": q}], "temperature": 0, "think": False},
-                       timeout=120)
-        return r.json()
+def long_body(content=UNTRAINED, n=150, **kw) -> dict:
+    """A request that generates exactly n tokens: greedy, end-of-sentence banned through logit_bias."""
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": n, "temperature": 0,
+            "think": False, "logit_bias": {"1": -100}, **kw}
 
+
+def post(server, body, timeout=120) -> httpx.Response:
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=timeout)
+
+
+def test_logit_bias_bans_end_of_sentence(server, tok):
+    assert tok.eos_id == 1
+    r = post(server, long_body(Q, n=20)).json()
+    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 20
+    assert r["choices"][0]["message"]["content"].startswith("Paris")
+
+
+def test_two_concurrent_clients_both_correct_and_the_second_waits(server):
+    solo = post(server, long_body()).json()
+    assert solo["usage"]["completion_tokens"] == 150
     with ThreadPoolExecutor(2) as ex:
-        a, b = ex.map(one, [Q_PLAIN, "What is the capital of Japan?"])
-    assert a["choices"][0]["message"]["content"] == "The capital of France is Paris."
+        fa = ex.submit(post, server, long_body())
+        time.sleep(0.15)
+        fb = ex.submit(post, server, {"messages": [{"role": "user", "content": "What is the capital of Japan?"}],
+                                      "temperature": 0, "think": False})
+        a, b = fa.result().json(), fb.result().json()
+    assert a["choices"][0]["message"]["content"] == solo["choices"][0]["message"]["content"]
     assert b["choices"][0]["message"]["content"] == "The capital of Japan is Tokyo."
-    queued = sorted([a["timings"]["queued_s"], b["timings"]["queued_s"]])
-    assert queued[1] > 0.01 and queued[1] > 5 * queued[0]
+    assert b["timings"]["queued_s"] > 0.05 and a["timings"]["queued_s"] < 0.05
 
 
 def test_disconnect_mid_stream_cancels_and_the_next_request_works(client, server):
     before = server.health()["stats"]["generated_tokens"]
     with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"messages": [{"role": "user", "content": UNTRAINED}], "stream": True, "max_tokens": 200,
-                            "temperature": 1.0, "min_p": 0.0, "seed": 3, "think": False,
-                            "stop": []}, timeout=60) as r:
+                      json=long_body(n=400, stream=True), timeout=60) as r:
         seen = 0
         for line in r.iter_lines():
             if line.startswith("data:") and '"content"' in line:
@@ -241,18 +257,14 @@ def test_disconnect_mid_stream_cancels_and_the_next_request_works(client, server
     time.sleep(1.0)
     after = server.health()["stats"]["generated_tokens"]
     assert after == during, "still generating after the client left"
-    assert after - before < 200
+    assert after - before < 400
     assert ask(client).choices[0].message.content == "Paris"
 
 
 def test_queue_full_gets_429_with_retry_after(server):
-    body = {"messages": [{"role": "user", "content": UNTRAINED}], "max_tokens": 120, "temperature": 1.0,
-            "min_p": 0.0, "seed": 1, "think": False}
-    h = {"Authorization": f"Bearer {KEY}"}
+    body = long_body(n=200)
     with ThreadPoolExecutor(4) as ex:
-        codes = []
-        futs = [ex.submit(httpx.post, server.url + "/v1/chat/completions", json=body, headers=h, timeout=120)
-                for _ in range(4)]
+        futs = [ex.submit(post, server, body) for _ in range(4)]
         rs = [f.result() for f in futs]
         codes = sorted(r.status_code for r in rs)
     assert codes.count(200) >= 2 and 429 in codes, codes  # one running + one waiting (--max-queue 1)
@@ -310,16 +322,17 @@ def test_sigterm_drains_the_running_request_and_exits_0(engine_lib, tmp_path):
     def run():
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         s = c.chat.completions.create(model="x", messages=[{"role": "user", "content": UNTRAINED}], stream=True,
-                                      max_tokens=60, temperature=1.0, seed=2, extra_body={"min_p": 0.0, "think": False})
+                                      max_tokens=300, temperature=0, logit_bias={"1": -100},
+                                      stream_options={"include_usage": True}, extra_body={"think": False})
         got["parts"] = stream_parts(s)
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(0.8)
+    time.sleep(0.5)
     srv.proc.send_signal(signal.SIGTERM)
     t.join(60)
     assert srv.proc.wait(60) == 0
-    assert got["parts"][2] in ("stop", "length")  # the request in flight finished normally
+    assert got["parts"][2] == "length" and got["parts"][3].completion_tokens == 300  # it ran to its end
 
 
 def test_systemd_notify_status_and_ready(engine_lib, tmp_path):

@@ -1,6 +1,6 @@
 """Choosing the next token from logits, and the stop rules around it.
 
-Order of the filters (each one optional): temperature -> top_k -> softmax -> min_p (keep tokens whose probability
+Order of the filters (each one optional): logit_bias -> temperature -> top_k -> softmax -> min_p (keep tokens whose probability
 is at least min_p times the best one) -> top_p (smallest set whose mass reaches top_p) -> draw. Temperature 0 is
 greedy (argmax, lowest id on ties). A seed makes the draw sequence reproducible.
 """
@@ -25,6 +25,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = None  # None = until EOS or the context is full
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans it)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -40,6 +41,8 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 1")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be non-empty strings")
+        if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
 
 
 class Sampler:
@@ -53,6 +56,11 @@ class Sampler:
 
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if p.logit_bias:
+        logits = logits.copy()
+        for tid, bias in p.logit_bias.items():
+            # -100 bans a token outright, as OpenAI documents it
+            logits[tid] = -np.inf if bias <= -100.0 else logits[tid] + bias
     if p.temperature <= 0.0:
         return int(np.argmax(logits))
     z = logits / p.temperature

@@ -351,7 +351,24 @@ def _get(body: dict, key: str, kind, default=None, *, check=None, name=None):
     return value
 
 
-def sampling_from(body: dict, default_max_tokens: int | None) -> SamplingParams:
+def _logit_bias(body: dict, n_vocab: int) -> dict[int, float]:
+    raw = _get(body, "logit_bias", dict, {})
+    out = {}
+    for k, v in (raw or {}).items():
+        try:
+            tid = int(k)
+        except (TypeError, ValueError):
+            tid = -1
+        if not 0 <= tid < n_vocab:
+            raise APIError(400, f"'logit_bias' key {k!r} is not a token id in [0, {n_vocab})", param="logit_bias",
+                           code="invalid_value")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise APIError(400, "'logit_bias' values must be numbers", param="logit_bias", code="invalid_type")
+        out[tid] = float(v)
+    return out
+
+
+def sampling_from(body: dict, default_max_tokens: int | None, n_vocab: int) -> SamplingParams:
     max_tokens = _get(body, "max_completion_tokens", int) or _get(body, "max_tokens", int, default_max_tokens)
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -373,11 +390,14 @@ def sampling_from(body: dict, default_max_tokens: int | None) -> SamplingParams:
         seed=_get(body, "seed", int),
         max_tokens=max_tokens,
         stop=[s for s in stop if s],
+        logit_bias=_logit_bias(body, n_vocab),
     )
     try:
         p.validate()
     except ValueError as exc:
         raise APIError(400, str(exc), param=str(exc).split()[0], code="invalid_value")
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, "max_tokens must be >= 1", param="max_tokens", code="invalid_value")
     return p
 
 
@@ -586,7 +606,7 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
         stream = _get(body, "stream", bool, False)
         opts = _get(body, "stream_options", dict, {}) or {}
         include_usage = bool(opts.get("include_usage"))
-        params = sampling_from(body, None)
+        params = sampling_from(body, None, eng.tokenizer.n_vocab)
         prompt = eng.tokenizer.encode(text)
         job = make_job(eng, prompt, params, thinking)
         cid, created, model = _chunk_id("chatcmpl"), int(time.time()), eng.model_id
@@ -662,7 +682,7 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
             prompt = [tok.bos_id] + prompt
         stream = _get(body, "stream", bool, False)
         opts = _get(body, "stream_options", dict, {}) or {}
-        params = sampling_from(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        params = sampling_from(body, COMPLETIONS_DEFAULT_MAX_TOKENS, tok.n_vocab)
         job = make_job(eng, prompt, params, thinking=False)
         cid, created, model = _chunk_id("cmpl"), int(time.time()), eng.model_id
 
