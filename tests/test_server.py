@@ -409,3 +409,14 @@ def test_busy_port_is_a_one_line_error(engine_lib, tmp_path):
                            env=dict(os.environ, SPARK_SETUP_STATE_DIR=str(tmp_path)))
     assert r.returncode == 1
     assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_model_that_cannot_load_exits_1_with_one_line(engine_lib, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(demo_model_path().read_bytes()[:5000])  # truncated
+    r = subprocess.run([sys.executable, "-m", "spark_setup", "serve", "--foreground", "--model", str(bad), "--port",
+                        str(free_port())], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, SPARK_SETUP_STATE_DIR=str(tmp_path / "s")))
+    assert r.returncode == 1
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith(("error:", "fix:"))]
+    assert err[0].startswith(f"error: the server could not load {bad}") and "Traceback" not in r.stderr

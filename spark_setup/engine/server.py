@@ -452,11 +452,13 @@ class ServerState:
         self.status = "loading"
         self.progress = "starting"
         self.percent = 0
+        self.load_exc: Exception | None = None
         self.error: str | None = None
         self.started = time.time()
         self.worker = Worker(config.max_queue)
         self.engine: Engine | None = None
         self._notify_stop = threading.Event()
+        self.on_fatal: Callable[[], None] | None = None  # called when loading fails (serve() stops the process)
 
     # rough share of the loading time each phase starts at (the engine has no finer progress to report)
     PHASES = {"reading the tokenizer": 5, "loading weights": 10, "allocating": 85, "generating a first token": 95}
@@ -494,9 +496,12 @@ class ServerState:
             sd_notify(f"READY=1\nSTATUS=ready: {engine.model_id} (ctx {engine.max_ctx})")
         except Exception as exc:
             self.status = "error"
+            self.load_exc = exc
             self.error = str(exc) or type(exc).__name__
             log.error("loading failed: %s", self.error)
             sd_notify(f"STATUS=failed: {self.error}")
+            if self.on_fatal is not None:
+                self.on_fatal()
         finally:
             self._notify_stop.set()
 
@@ -812,6 +817,12 @@ def serve(config: ServerConfig, host: str, port: int, log_file: Path | None = No
     ucfg = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=30,
                           access_log=True, timeout_keep_alive=5)
     server = uvicorn.Server(ucfg)
+    state: ServerState = app.state.server
+
+    def fatal() -> None:
+        server.should_exit = True
+
+    state.on_fatal = fatal
     # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal to the handler that was installed before it;
     # with Python's default that kills the process (exit 143) after a clean drain. Ours just lets it return 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -820,5 +831,11 @@ def serve(config: ServerConfig, host: str, port: int, log_file: Path | None = No
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if state.status == "error":
+        from ..errors import UserError
+
+        raise UserError(f"the server could not load {config.model_path}: {state.error}",
+                        getattr(state.load_exc, "hint", None) or "check the model file and the engine build "
+                        "(spark-setup doctor, spark-setup build)")
     log.info("stopped")
     return 0

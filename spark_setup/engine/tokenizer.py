@@ -88,7 +88,7 @@ def read_gguf_vocab(path: str | Path) -> Vocab:
     path = Path(path)
     try:
         reader = GGUFReader(str(path), "r")
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # the reader raises several types for truncated/corrupt files
         raise UserError(f"cannot read the tokenizer from {path}: {exc}", "check that the file is a complete GGUF")
 
     def array(key: str):
