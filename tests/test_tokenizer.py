@@ -192,7 +192,9 @@ def test_official_vectors_prompt_token_counts(tok):
         official = json.loads((vectors / case["official_file"]).read_text(encoding="utf-8"))
         expected = official["usage"]["prompt_tokens"]
         got = len(tok.encode(chat.render_user(prompt, thinking=False)))
+        by_id = len(chat.encode(tok, [chat.Message("user", prompt)], thinking=False))
         seen[case["id"]] = (got, expected)
+        assert by_id == got
     assert sorted(e for _, e in seen.values()) == [18, 21, 27, 3353, 3844]
     assert all(g == e for g, e in seen.values()), seen
 

@@ -8,7 +8,8 @@
                                                     in thinking mode: its reasoning is kept)
       + <｜Assistant｜><think>     (thinking)   or   <｜Assistant｜></think>   (non-thinking)
 
-The special tokens are written as their strings; the tokenizer finds them by string. Tool calls: the structure
+`render` gives the text (special tokens as their strings, for the tokenizer to find by string); `encode` gives the
+ids the way ds4 does: specials inserted by id, the texts between them encoded as plain text. Tool calls: the structure
 (tool messages, tool_calls on assistant turns, tool schemas before the system text) is here, the DSML rendering
 of calls and schemas is not yet: such requests are refused with a clear error.
 """
@@ -88,30 +89,68 @@ def _render_tools(tools: Sequence[dict[str, Any]]) -> str:
     raise ChatFormatError("'tools' are not supported yet")
 
 
-def render(messages: Iterable[Message], thinking: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> str:
-    """The prompt text for the next assistant turn."""
+Segment = tuple[str, bool]  # (text, is_special_token)
+
+
+def render_segments(messages: Iterable[Message], thinking: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[Segment]:
+    """The prompt as spans: special tokens (is_special=True) and the texts between them."""
     messages = list(messages)
     system = "\n\n".join(m.content for m in messages if m.role == "system")
-    head = BOS + (_render_tools(tools) if tools else "") + system
+    out: list[Segment] = [(BOS, True)]
+
+    def text(t: str) -> None:
+        if t:
+            out.append((t, False))
+
+    text((_render_tools(tools) if tools else "") + system)
     turns = [m for m in messages if m.role != "system"]
     last_user = max((i for i, m in enumerate(turns) if m.role == "user"), default=-1)
-
-    parts = [head]
     prev = None
     for i, m in enumerate(turns):
         if m.role == "user":
-            parts.append(USER + m.content)
+            out.append((USER, True))
+            text(m.content)
         elif m.role == "tool":
-            opener = "" if prev == "tool" else USER
-            parts.append(f"{opener}<tool_result>{m.content}</tool_result>")
+            if prev != "tool":
+                out.append((USER, True))
+            text(f"<tool_result>{m.content}</tool_result>")
         else:  # a finished assistant turn
-            keep_reasoning = thinking and i > last_user and m.reasoning is not None
-            think = f"{THINK}{m.reasoning}{END_THINK}" if keep_reasoning else END_THINK
-            calls = _render_tool_calls(m.tool_calls) if m.tool_calls else ""
-            parts.append(ASSISTANT + think + m.content + calls + EOS)
+            out.append((ASSISTANT, True))
+            if thinking and i > last_user and m.reasoning is not None:
+                out.append((THINK, True))
+                text(m.reasoning)
+            out.append((END_THINK, True))
+            text(m.content)
+            if m.tool_calls:
+                text(_render_tool_calls(m.tool_calls))
+            out.append((EOS, True))
         prev = m.role
-    parts.append(ASSISTANT + (THINK if thinking else END_THINK))
-    return "".join(parts)
+    out.append((ASSISTANT, True))
+    out.append((THINK if thinking else END_THINK, True))
+    return out
+
+
+def render(messages: Iterable[Message], thinking: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> str:
+    """The prompt text for the next assistant turn."""
+    return "".join(t for t, _ in render_segments(messages, thinking, tools))
+
+
+def encode(tokenizer, messages: Iterable[Message], thinking: bool = True,
+           tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+    """Prompt token ids as ds4 builds them: special tokens inserted by id, each text span encoded on its own with
+    special-token strings inside it treated as plain text (a user cannot forge a turn marker). For ordinary text
+    this equals tokenizer.encode(render(...))."""
+    ids: list[int] = []
+    for t, special in render_segments(messages, thinking, tools):
+        if special:
+            tid = tokenizer.token_id(t)
+            if tid is None:
+                raise ChatFormatError(f"the model's vocabulary has no {t!r} token")
+            ids.append(tid)
+        else:
+            ids.extend(tokenizer.encode(t, special=False))
+    return ids
 
 
 def render_user(prompt: str, thinking: bool = False, system: str | None = None) -> str:

@@ -605,14 +605,13 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
             messages = chat.parse_messages(body.get("messages"))
             thinking = thinking_from(body)
             tools = body.get("tools")
-            text = chat.render(messages, thinking=thinking, tools=tools or None)
+            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking, tools=tools or None)
         except chat.ChatFormatError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_value")
         stream = _get(body, "stream", bool, False)
         opts = _get(body, "stream_options", dict, {}) or {}
         include_usage = bool(opts.get("include_usage"))
         params = sampling_from(body, None, eng.tokenizer.n_vocab)
-        prompt = eng.tokenizer.encode(text)
         job = make_job(eng, prompt, params, thinking)
         cid, created, model = _chunk_id("chatcmpl"), int(time.time()), eng.model_id
 
