@@ -420,3 +420,14 @@ def test_a_model_that_cannot_load_exits_1_with_one_line(engine_lib, tmp_path):
     assert r.returncode == 1
     err = [ln for ln in r.stderr.splitlines() if ln.startswith(("error:", "fix:"))]
     assert err[0].startswith(f"error: the server could not load {bad}") and "Traceback" not in r.stderr
+
+
+def test_multi_turn_with_system_text(client, tok):
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of Italy?"},
+                {"role": "assistant", "content": "The capital of Italy is Rome.", "reasoning_content": "old"},
+                {"role": "user", "content": Q}]
+    r = client.chat.completions.create(model="x", messages=messages, temperature=0, extra_body={"think": False})
+    assert r.choices[0].message.content == "Paris"
+    expected = chat.encode(tok, chat.parse_messages(messages), thinking=False)
+    assert r.usage.prompt_tokens == len(expected)

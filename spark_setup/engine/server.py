@@ -81,6 +81,9 @@ def load_engine(path: Path, ctx: int, backend: str = "cpu", progress: Callable[[
     progress(f"loading weights on {backend}")
     model = runtime.Model(str(path), backend=backend)
     try:
+        n_vocab = int(getattr(model, "desc", {}).get("n_vocab", tok.n_vocab))
+        if n_vocab != tok.n_vocab:
+            raise EngineLoadError(f"{path}: the tokenizer has {tok.n_vocab} tokens but the model {n_vocab}")
         progress(f"allocating a {ctx}-token session")
         session = model.new_session(ctx)
     except BaseException:
