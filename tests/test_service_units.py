@@ -111,6 +111,15 @@ def test_system_unit_exposure_at_most_3(tmp_path, name, capsys):
     assert score <= 3.0
 
 
+@needs_analyze
+def test_committed_system_unit_exposure(capsys):
+    # The default rendering (prefix /opt/spark-setup: PrivateTmp and ProtectHome fully on).
+    score = _exposure(ROOT / "systemd" / "system" / service.UNIT_NAME)
+    with capsys.disabled():
+        print(f"\n[systemd/system/{service.UNIT_NAME}] systemd-analyze security --offline=yes: exposure {score}")
+    assert score <= 3.0
+
+
 def test_committed_units_match_a_fresh_rendering():
     cp = subprocess.run([sys.executable, str(ROOT / "tools" / "render_units.py"), "--check"], capture_output=True,
                         text=True, timeout=60)
