@@ -2,8 +2,9 @@
 
 Each test sends streaming `/v1/chat/completions` requests whose prompt is cut from a public-domain book
 (spark_setup/data/book/) at a random offset: `depth` tokens in the system message, `pp` tokens in the user message
-(counted with the model's tokenizer, so both are exact), `max_tokens = tg`, thinking disabled, temperature 0 and
-`ignore_eos` (servers that do not honour it stop early: the report says so).
+(counted with the model's tokenizer, so both are exact), `max_tokens = tg`, thinking disabled, temperature 0,
+`ignore_eos` and a `logit_bias` ban of the EOS token (servers that honour neither may stop early: the report
+says so).
 
 Metrics, per request (timestamps from time.perf_counter()):
   ttfr      = first response chunk (first SSE event with choices) - start
@@ -39,6 +40,7 @@ BOOK = Path(__file__).resolve().parent / "data" / "book" / "pride_and_prejudice.
 LATENCY_MODES = ("generation", "api", "none")
 FORMATS = ("md", "json", "csv")
 PEAK_WINDOW_S = 1.0
+DS4_EOS = "<｜end▁of▁sentence｜>"
 
 
 # ---- metric arithmetic (pure) ----------------------------------------------------------------------------------
@@ -287,6 +289,8 @@ def to_json(rep: BenchReport) -> str:
 
 # ---- prompts ---------------------------------------------------------------------------------------------------
 class TextTokenizer(Protocol):
+    eos_id: Optional[int]
+
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -296,6 +300,7 @@ class _GGUFTok:
         from .engine.tokenizer import Tokenizer
 
         self._t = Tokenizer.from_gguf(path)
+        self.eos_id = self._t.eos_id
 
     def encode(self, text: str) -> list[int]:
         return self._t.encode(text, special=False)
@@ -309,6 +314,7 @@ class _HFTok:
         from tokenizers import Tokenizer
 
         self._t = Tokenizer.from_file(str(path))
+        self.eos_id = self._t.token_to_id(DS4_EOS)
 
     def encode(self, text: str) -> list[int]:
         return self._t.encode(text, add_special_tokens=False).ids
@@ -462,7 +468,11 @@ async def stream_request(client: httpx.AsyncClient, url: str, payload: dict, hea
     return s
 
 
-def chat_payload(model: str, system: str, user: str, max_tokens: int, ignore_eos: bool = True) -> dict:
+def chat_payload(model: str, system: str, user: str, max_tokens: int, ignore_eos: bool = True,
+                 eos_id: Optional[int] = None) -> dict:
+    """Streaming, greedy, thinking off. To get exactly max_tokens: `ignore_eos` (llama-server, vLLM) and, when the
+    EOS id is known, `logit_bias` -100 on it (OpenAI semantics: the token is banned; our server and others that
+    lack ignore_eos honour this)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     p: dict[str, Any] = {
         "model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
@@ -471,6 +481,8 @@ def chat_payload(model: str, system: str, user: str, max_tokens: int, ignore_eos
     }
     if ignore_eos:
         p["ignore_eos"] = True
+        if eos_id is not None:
+            p["logit_bias"] = {str(eos_id): -100}
     return p
 
 
@@ -575,8 +587,8 @@ async def run_bench_async(cfg: BenchConfig, progress: Optional[ProgressFn] = Non
                         system = src.cut(depth)
                         user = src.cut(pp)
                         expected = depth + pp + (overhead["system"] if depth else overhead["user"])
-                        jobs.append(stream_request(client, url, chat_payload(model, system, user, tg), headers,
-                                                   expected))
+                        jobs.append(stream_request(client, url, chat_payload(model, system, user, tg,
+                                                                             eos_id=tok.eos_id), headers, expected))
                     if progress:
                         progress(test_name("pp", pp, depth, conc, max(cfg.concurrency) > 1) + f" tg{tg}", done,
                                  total)
@@ -592,10 +604,10 @@ async def run_bench_async(cfg: BenchConfig, progress: Optional[ProgressFn] = Non
                       tests=tests, date=time.strftime("%Y-%m-%d %H:%M:%S"), notes=notes)
     honoured = rep.ignore_eos_honoured()
     if honoured is False:
-        rep.notes.append("the server stopped some requests before tg tokens: it does not honour ignore_eos "
-                         "(tg t/s counts the tokens it did generate)")
+        rep.notes.append("the server stopped some requests before tg tokens: it honours neither ignore_eos nor a "
+                         "logit_bias ban of EOS (tg t/s counts the tokens it did generate)")
     elif honoured:
-        rep.notes.append("every request generated its full tg tokens (ignore_eos honoured or no early EOS)")
+        rep.notes.append("every request generated its full tg tokens (EOS ignored or banned, or never reached)")
     return rep
 
 

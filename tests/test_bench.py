@@ -186,6 +186,7 @@ def test_scripted_rates_are_measured(tok):
         assert sys_msg["role"] == "system" and len(tok.encode(sys_msg["content"])) == 256
         assert user_msg["role"] == "user" and len(tok.encode(user_msg["content"])) == 1024
         assert r["temperature"] == 0 and r["thinking"] == {"type": "disabled"} and r["ignore_eos"] is True
+        assert r["logit_bias"] == {str(tok.eos_id): -100} and tok.eos_id == 1  # DS4's <｜end▁of▁sentence｜>
         assert r["stream"] is True and r["stream_options"] == {"include_usage": True}
     assert bench_reqs[0]["messages"][1]["content"] != bench_reqs[1]["messages"][1]["content"]  # new offset per run
     assert any("full tg tokens" in n for n in rep.notes)
@@ -218,7 +219,7 @@ def test_early_eos_is_reported(tok):
     with FakeOpenAI(lambda t: len(tok.encode(t)), sc) as fake:
         rep = b.run_bench(_cfg(fake.url, pp=(32,), tg=(40,), runs=1, latency_mode="none"))
     assert rep.ignore_eos_honoured() is False
-    assert any("does not honour ignore_eos" in n for n in rep.notes)
+    assert any("honours neither ignore_eos nor" in n for n in rep.notes)
     assert rep.tests[0].runs[0][0].completion_tokens == 10
 
 

@@ -91,4 +91,5 @@ def test_bench_against_our_server(demo_server, served_model, tmp_path):
     data = json.loads(j.stdout)
     s = data["tests"][0]["runs"][0][0]
     assert s["prompt_tokens"] == 32 + data["prompt_overhead"]["user"]
-    assert s["completion_tokens"] >= 1
+    assert s["completion_tokens"] == 4  # EOS banned through logit_bias: exactly tg tokens
+    assert data["ignore_eos_honoured"] is True
