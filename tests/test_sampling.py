@@ -84,3 +84,11 @@ def test_logit_bias_bans_and_boosts():
     assert Sampler(SamplingParams(temperature=0, logit_bias={0: -100}))(logits) == 1
     assert Sampler(SamplingParams(temperature=0, logit_bias={2: 6.0}))(logits) == 2
     assert draws(logits, n=300, logit_bias={0: -100.0})[0] == 0
+
+
+def test_top_p_on_a_wide_distribution_keeps_exactly_the_nucleus():
+    logits = -np.arange(1000) / 400.0  # slowly decaying: the 0.5 nucleus spans hundreds of tokens
+    probs = np.exp(logits) / np.exp(logits).sum()
+    n = int(np.searchsorted(np.cumsum(probs), 0.5) + 1)
+    c = draws(logits, n=4000, top_p=0.5, min_p=0.0)
+    assert c[n:].sum() == 0 and c[n - 1] > 0 and n > 200

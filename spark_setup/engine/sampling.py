@@ -55,32 +55,39 @@ class Sampler:
 
 
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
-    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    logits = np.asarray(logits).reshape(-1)
     if p.logit_bias:
-        logits = logits.copy()
+        logits = logits.astype(np.float64)
         for tid, bias in p.logit_bias.items():
             # -100 bans a token outright, as OpenAI documents it
             logits[tid] = -np.inf if bias <= -100.0 else logits[tid] + bias
     if p.temperature <= 0.0:
         return int(np.argmax(logits))
-    z = logits / p.temperature
-    if p.top_k and p.top_k < z.size:
-        kth = np.partition(z, -p.top_k)[-p.top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    z = z - np.max(z)
-    probs = np.exp(z)
+    z = logits.astype(np.float64) / p.temperature
+    # Work on the few candidates that can survive: min_p keeps p_i >= min_p * p_max, i.e. z_i >= z_max + ln(min_p)
+    # (the max always survives top_k too, so the threshold is the same before or after it).
+    zmax = float(np.max(z))
+    # Without min_p, tokens below e^-30 of the best (together < 1e-7 of the mass on a 129k vocabulary) are dropped.
+    cand = np.flatnonzero(z >= zmax + max(np.log(p.min_p) if p.min_p > 0.0 else -30.0, -30.0))
+    if p.top_k and p.top_k < cand.size:
+        part = np.argpartition(-z[cand], p.top_k - 1)[: p.top_k]
+        kth = z[cand][part].min()
+        cand = cand[z[cand] >= kth]  # ties at the k-th value all stay
+    probs = np.exp(z[cand] - zmax)
     probs /= probs.sum()
-    if p.min_p > 0.0:
-        probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
     if p.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cum = np.cumsum(probs[order]) / probs.sum()
-        keep = order[: int(np.searchsorted(cum, p.top_p) + 1)]
-        mask = np.zeros_like(probs)
-        mask[keep] = 1.0
-        probs = probs * mask
-    probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+        # the smallest most-likely set reaching top_p: sort only a growing head of the candidates
+        k = min(64, cand.size)
+        while True:
+            head = np.argpartition(-probs, k - 1)[:k] if k < cand.size else np.arange(cand.size)
+            head = head[np.lexsort((cand[head], -probs[head]))]  # most likely first, lower id on ties
+            cum = np.cumsum(probs[head])
+            if cum[-1] >= p.top_p or k == cand.size:
+                n = min(int(np.searchsorted(cum, p.top_p) + 1), k)
+                cand, probs = cand[head[:n]], probs[head[:n]] / cum[n - 1]
+                break
+            k = min(4 * k, cand.size)
+    return int(cand[rng.choice(cand.size, p=probs)])
 
 
 class StopMatcher:
