@@ -222,6 +222,7 @@ struct PlainRows {
     __device__ const uint8_t *row(int64_t g) const { return W + (size_t)g * rb; }
     __device__ const float *xin(int64_t) const { return x; }
     __device__ float *out(int64_t g) const { return y + g; }
+    bool uniform_x_groups(int) const { return true; }  // one x for every row
 };
 
 struct ExpertRows {
@@ -242,6 +243,8 @@ struct ExpertRows {
         return x + (rem / n_rows) * x_stride;
     }
     __device__ float *out(int64_t g) const { return g >= per_mat ? y1 + (g - per_mat) : y0 + g; }
+    // groups of `n` consecutive rows stay inside one expert (so they share x) when n divides n_rows
+    bool uniform_x_groups(int n) const { return n_rows % n == 0; }
 };
 
 // ---- the quantized matvec kernel -------------------------------------------------------------------------------
@@ -327,6 +330,206 @@ __global__ void __launch_bounds__(32 * kWarps) matvec_q(Rows rows, int64_t total
     }
 }
 
+
+// ---- v2: several rows per warp, cp.async double buffering, coalesced x ------------------------------------------
+// v1 above reads x with lane-contiguous float4 loads (lane i: columns 32i.. or 128i..): every load instruction
+// touches 32 different cache lines, and on an H200 the L1 traffic for x, not HBM, bounded it (15-20% of copy
+// bandwidth for Q8_0). v2 fixes both sides:
+//  - lanes own interleaved columns: in round k, lane l handles columns 256k + 8l .. +7 of the tile, so the x loads
+//    of a warp cover 1 KB contiguously;
+//  - a warp computes kRows rows at once: each x load serves kRows rows (x traffic / kRows);
+//  - tiles go global -> shared with cp.async (no register staging), double buffered: the next tile group is in
+//    flight while the current one is decoded.
+constexpr int kW2 = 4;    // warps per block
+constexpr int kRows = 4;  // rows per warp
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ float dot8_s(uint32_t w0, uint32_t w1, const float (&xs)[8]) {  // biased signed bytes
+    float s = sbyte_f(w0, 0) * xs[0];
+    s = fmaf(sbyte_f(w0, 1), xs[1], s);
+    s = fmaf(sbyte_f(w0, 2), xs[2], s);
+    s = fmaf(sbyte_f(w0, 3), xs[3], s);
+    s = fmaf(sbyte_f(w1, 0), xs[4], s);
+    s = fmaf(sbyte_f(w1, 1), xs[5], s);
+    s = fmaf(sbyte_f(w1, 2), xs[6], s);
+    return fmaf(sbyte_f(w1, 3), xs[7], s);
+}
+__device__ __forceinline__ float dot8_u(uint32_t w0, uint32_t w1, const float (&xs)[8]) {  // unsigned bytes
+    float s = ubyte_f(w0, 0) * xs[0];
+    s = fmaf(ubyte_f(w0, 1), xs[1], s);
+    s = fmaf(ubyte_f(w0, 2), xs[2], s);
+    s = fmaf(ubyte_f(w0, 3), xs[3], s);
+    s = fmaf(ubyte_f(w1, 0), xs[4], s);
+    s = fmaf(ubyte_f(w1, 1), xs[5], s);
+    s = fmaf(ubyte_f(w1, 2), xs[6], s);
+    return fmaf(ubyte_f(w1, 3), xs[7], s);
+}
+__device__ __forceinline__ uint32_t ld_u32_2(const uint8_t *p) {  // 2-byte aligned 32-bit load from shared memory
+    const unsigned short *u = reinterpret_cast<const unsigned short *>(p);
+    return (uint32_t)u[0] | ((uint32_t)u[1] << 16);
+}
+
+// One round of one row: the lane's 8 weights (columns 256k + 8l .. +7 of the tile) times xs; sx = sum of xs.
+template <int T>
+struct V2;
+
+template <>
+struct V2<DS4_TYPE_Q8_0> {  // tile 32 blocks = 1024 columns; the lane's 8 weights: block 8k + l/4, offset 8(l%4)
+    static constexpr int BB = 34, BV = 32, BPT = 32, ROUNDS = 4;
+    __device__ static bool valid(int k, int lane, int nvalid) { return 8 * k + (lane >> 2) < nvalid; }
+    __device__ static float dot(const uint8_t *tile, int k, int lane, const float (&xs)[8], float, const uint64_t *) {
+        const uint8_t *p = tile + BB * (8 * k + (lane >> 2));
+        const uint8_t *q = p + 2 + 8 * (lane & 3);
+        return dot8_s(ld_u32_2(q) ^ 0x80808080u, ld_u32_2(q + 4) ^ 0x80808080u, xs) * ld_half(p);
+    }
+};
+
+template <>
+struct V2<DS4_TYPE_Q2_K> {  // tile 8 blocks; round k = block k; element i = 8l + e
+    static constexpr int BB = 84, BV = 256, BPT = 8, ROUNDS = 8;
+    __device__ static bool valid(int k, int, int nvalid) { return k < nvalid; }
+    __device__ static float dot(const uint8_t *tile, int k, int lane, const float (&xs)[8], float sx, const uint64_t *) {
+        const uint8_t *p = tile + BB * k;
+        const int half = lane >> 4, j = (lane >> 2) & 3, sub = lane & 3;  // i/128, (i%128)/32, (i%32)/8
+        const uint32_t *q = reinterpret_cast<const uint32_t *>(p + 16 + 32 * half + 8 * sub);
+        const float s = dot8_u((q[0] >> (2 * j)) & 0x03030303u, (q[1] >> (2 * j)) & 0x03030303u, xs);
+        const uint8_t sc = p[8 * half + 2 * j + (sub >> 1)];
+        return (ld_half(p + 80) * (float)(sc & 15)) * s - (ld_half(p + 82) * (float)(sc >> 4)) * sx;
+    }
+};
+
+template <>
+struct V2<DS4_TYPE_Q4_K> {  // tile 8 blocks; round k = block k; chunk c = l/8 of 64, low/high nibble = (l/4)%2
+    static constexpr int BB = 144, BV = 256, BPT = 8, ROUNDS = 8;
+    __device__ static bool valid(int k, int, int nvalid) { return k < nvalid; }
+    __device__ static float dot(const uint8_t *tile, int k, int lane, const float (&xs)[8], float sx, const uint64_t *) {
+        const uint8_t *p = tile + BB * k;
+        const int c = lane >> 3, hi = (lane >> 2) & 1;
+        const uint32_t *q = reinterpret_cast<const uint32_t *>(p + 16 + 32 * c + 8 * (lane & 3));
+        const float s = dot8_u((q[0] >> (4 * hi)) & 0x0F0F0F0Fu, (q[1] >> (4 * hi)) & 0x0F0F0F0Fu, xs);
+        float sc, mn;
+        q4k_scale_min(p + 4, 2 * c + hi, &sc, &mn);
+        return (ld_half(p) * sc) * s - (ld_half(p + 2) * mn) * sx;
+    }
+};
+
+template <>
+struct V2<DS4_TYPE_IQ2_XXS> {  // tile 16 blocks; round k = block k; group l/4, grid entry l%4 of that group
+    static constexpr int BB = 66, BV = 256, BPT = 16, ROUNDS = 16;
+    __device__ static bool valid(int k, int, int nvalid) { return k < nvalid; }
+    __device__ static float dot(const uint8_t *tile, int k, int lane, const float (&xs)[8], float, const uint64_t *tabs) {
+        const uint8_t *p = tile + BB * k;
+        const uint8_t *grp = p + 2 + 8 * (lane >> 2);
+        const int e = lane & 3;
+        const uint32_t w0 = ld_u32_2(grp), w1 = ld_u32_2(grp + 4);
+        const uint64_t gv = tabs[(w0 >> (8 * e)) & 0xff];
+        const uint64_t m = tabs[256 + ((w1 >> (7 * e)) & 127u)];
+        const uint32_t m_lo = (uint32_t)m, m_hi = (uint32_t)(m >> 32);
+        const uint32_t lo = ((uint32_t)gv ^ m_lo) + 0x80808080u - m_lo;  // see Q<IQ2_XXS>
+        const uint32_t hi = ((uint32_t)(gv >> 32) ^ m_hi) + 0x80808080u - m_hi;
+        return (ld_half(p) * (0.5f + (float)(w1 >> 28)) * 0.25f) * dot8_s(lo, hi, xs);
+    }
+};
+
+__device__ void iq2_tables(uint64_t *tabs) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) tabs[i] = d_iq2xxs_grid[i];
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+        const uint32_t sb = iq2xxs_sign_byte((uint32_t)i);
+        uint64_t m = 0;
+        for (int e = 0; e < 8; e++)
+            if ((sb >> e) & 1) m |= (uint64_t)0xff << (8 * e);
+        tabs[256 + i] = m;
+    }
+    __syncthreads();
+}
+
+// Requires 16-byte aligned rows (row bytes and base) and, for every group of kRows consecutive rows, one x.
+template <int T, class Rows>
+__global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_rows, int nblocks) {
+    using V = V2<T>;
+    constexpr int TB = V::BB * V::BPT, CH = TB / 16;
+    static_assert(TB % 16 == 0 && V::ROUNDS * 256 == V::BPT * V::BV, "tile geometry");
+    __shared__ uint4 stage[kW2][2][kRows][CH];
+    __shared__ uint64_t tabs[T == DS4_TYPE_IQ2_XXS ? 256 + 128 : 1];
+    if (T == DS4_TYPE_IQ2_XXS) iq2_tables(tabs);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t n_groups = (total_rows + kRows - 1) / kRows;
+    const int64_t n_warps = (int64_t)gridDim.x * kW2;
+    int64_t g = (int64_t)blockIdx.x * kW2 + warp;
+    if (g >= n_groups) return;
+    const int tpr = (nblocks + V::BPT - 1) / V::BPT;
+
+    auto issue = [&](int64_t gg, int tt, int st) {
+        const int valid = min(V::BPT, nblocks - tt * V::BPT) * V::BB;
+#pragma unroll
+        for (int rr = 0; rr < kRows; rr++) {
+            const int64_t r = gg * kRows + rr;
+            if (r < total_rows) {
+                const uint8_t *src = rows.row(r) + (size_t)tt * TB;
+                for (int c = lane; c < CH && 16 * c < valid; c += 32) cp_async16(&stage[warp][st][rr][c], src + 16 * c);
+            }
+        }
+        cp_async_commit();
+    };
+
+    int t = 0, st = 0;
+    issue(g, t, st);
+    float acc[kRows];
+#pragma unroll
+    for (int rr = 0; rr < kRows; rr++) acc[rr] = 0.0f;
+    while (true) {
+        int64_t ng = g;
+        int nt = t + 1;
+        if (nt == tpr) {
+            ng = g + n_warps;
+            nt = 0;
+        }
+        const bool more = ng < n_groups;
+        if (more)
+            issue(ng, nt, st ^ 1);
+        else
+            cp_async_commit();  // keep the group count uniform for wait_group 1
+        cp_async_wait1();
+        __syncwarp();
+        const int nvalid = min(V::BPT, nblocks - t * V::BPT);
+        const float *xt = rows.xin(g * kRows) + (int64_t)t * V::BPT * V::BV;
+        const uint8_t *tile = reinterpret_cast<const uint8_t *>(stage[warp][st][0]);
+        for (int k = 0; k < V::ROUNDS; k++) {
+            if (!V::valid(k, lane, nvalid)) continue;
+            const float4 a = ldx4(xt + 256 * k + 8 * lane), b = ldx4(xt + 256 * k + 8 * lane + 4);
+            const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            const float sx = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
+#pragma unroll
+            for (int rr = 0; rr < kRows; rr++) acc[rr] += V::dot(tile + rr * TB, k, lane, xs, sx, tabs);
+        }
+        __syncwarp();  // every lane is done with this stage before it is refilled
+        if (nt == 0) {
+#pragma unroll
+            for (int rr = 0; rr < kRows; rr++) {
+                const float v = warp_sum(acc[rr]);
+                const int64_t r = g * kRows + rr;
+                if (lane == 0 && r < total_rows) *rows.out(r) = v;
+                acc[rr] = 0.0f;
+            }
+        }
+        if (!more) break;
+        g = ng;
+        t = nt;
+        st ^= 1;
+    }
+    cp_async_wait0();
+}
+
+int g_matvec_version = 2;  // ds4::cuda_set_matvec_version (benchmarks compare versions)
+
 // F32 / F16 / BF16: rows are plain arrays: direct 16-byte loads (4 floats or 8 halves per lane per step).
 template <int T>
 __device__ __forceinline__ float dot16(uint4 w, const float *x) {
@@ -396,29 +599,38 @@ int sm_count() {
     return n > 0 ? n : 16;
 }
 
-// Blocks for a persistent launch: enough to fill every SM at the kernel's occupancy, fewer for small matrices.
+// Blocks for a persistent launch: enough to fill every SM at the kernel's occupancy (per_sm, computed once per
+// kernel by the caller), fewer for small matrices. `rows_per_block` = rows one block handles at a time.
 template <class K>
-int grid_for(K kernel, int64_t total_rows) {
-    static int per_sm = 0;  // one per kernel instantiation
-    if (per_sm == 0) {
+int grid_for(K kernel, int *per_sm, int threads, int64_t total_rows, int rows_per_block) {
+    if (*per_sm == 0) {
         int n = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 32 * kWarps, 0) != cudaSuccess || n < 1) n = 1;
-        per_sm = n;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) n = 1;
+        *per_sm = n;
     }
-    const int64_t want = (total_rows + kWarps - 1) / kWarps;
-    return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * per_sm));
+    const int64_t want = (total_rows + rows_per_block - 1) / rows_per_block;
+    return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * *per_sm));
 }
 
 template <int T, bool AL, class Rows>
 void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
+    if (AL && g_matvec_version >= 2 && rows.uniform_x_groups(kRows)) {
+        auto k2 = matvec_v2<T, Rows>;
+        static int per_sm2 = 0;
+        k2<<<grid_for(k2, &per_sm2, 32 * kW2, total, kW2 * kRows), 32 * kW2, 0, s>>>(rows, total,
+                                                                                     (int)(n_cols / Q<T>::BV));
+        return;
+    }
     auto k = matvec_q<T, AL, Rows>;
-    k<<<grid_for(k, total), 32 * kWarps, 0, s>>>(rows, total, (int)(n_cols / Q<T>::BV));
+    static int per_sm = 0;
+    k<<<grid_for(k, &per_sm, 32 * kWarps, total, kWarps), 32 * kWarps, 0, s>>>(rows, total, (int)(n_cols / Q<T>::BV));
 }
 
 template <int T, bool AL, class Rows>
 void launch_f(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     auto k = matvec_f<T, AL, Rows>;
-    k<<<grid_for(k, total), 32 * kWarps, 0, s>>>(rows, total, n_cols);
+    static int per_sm = 0;
+    k<<<grid_for(k, &per_sm, 32 * kWarps, total, kWarps), 32 * kWarps, 0, s>>>(rows, total, n_cols);
 }
 
 template <bool AL, class Rows>
@@ -510,6 +722,8 @@ __global__ void dequant_kernel(int type, const uint8_t *data, size_t rb, int bs,
 }
 
 }  // namespace
+
+void cuda_set_matvec_version(int v) { g_matvec_version = v; }
 
 void cuda_dequant_rows(int type, const void *d_data, int64_t n_cols, int64_t r0, int64_t r1, float *d_out,
                        cudaStream_t stream) {

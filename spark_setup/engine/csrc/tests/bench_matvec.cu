@@ -65,6 +65,7 @@ void make_weights(uint8_t *d, int type, size_t bytes, uint64_t seed) {
         case DS4_TYPE_Q2_K: o0 = 80; o1 = 82; break;
         case DS4_TYPE_Q4_K: o0 = 0; o1 = 2; break;
         case DS4_TYPE_IQ2_XXS: o0 = 0; break;
+        case DS4_TYPE_F16: o0 = 0; break;  // every value is a "scale": all finite
         default: break;
     }
     if (o0 >= 0) fix_scales<<<1024, 256>>>(d, bytes / bb, (int)bb, o0, o1);
@@ -362,17 +363,24 @@ int main(int argc, char **argv) {
 
     std::vector<Row> rows;
     try {
-        rows.push_back(bench_plain("output head", DS4_TYPE_Q8_0, {{129280, 4096}}, iters, copy, s));
-        rows.push_back(bench_plain("attn_q_b", DS4_TYPE_Q8_0, {{32768, 1024}}, iters, copy, s));
-        rows.push_back(bench_plain("attn_output_a", DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s));
-        rows.push_back(bench_plain("attn_output_b", DS4_TYPE_Q8_0, {{4096, 8192}}, iters, copy, s));
-        rows.push_back(bench_plain("shared expert (gate, up, down)", DS4_TYPE_Q8_0,
-                                   {{2048, 4096}, {2048, 4096}, {4096, 2048}}, iters, copy, s));
-        rows.push_back(bench_experts("routed experts, Q2 file", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6,
-                                     iters, copy, s));
-        rows.push_back(bench_experts("routed experts, Q4 file", DS4_TYPE_Q4_K, DS4_TYPE_Q4_K, 4096, 2048, 256, 6,
-                                     iters, copy, s));
-        rows.push_back(bench_plain("token_embd-like F16 [4096x4096]", DS4_TYPE_F16, {{4096, 4096}}, iters, copy, s));
+        // v2 = the default kernels; v1 = the first version (warp per row), kept as the baseline
+        for (int v : {2, 1}) {
+            ds4::cuda_set_matvec_version(v);
+            const std::string tag = v == 2 ? "" : " [v1]";
+            rows.push_back(bench_plain(("output head" + tag).c_str(), DS4_TYPE_Q8_0, {{129280, 4096}}, iters, copy, s));
+            rows.push_back(bench_plain(("attn_q_b" + tag).c_str(), DS4_TYPE_Q8_0, {{32768, 1024}}, iters, copy, s));
+            rows.push_back(bench_plain(("attn_output_a" + tag).c_str(), DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s));
+            rows.push_back(bench_plain(("attn_output_b" + tag).c_str(), DS4_TYPE_Q8_0, {{4096, 8192}}, iters, copy, s));
+            rows.push_back(bench_plain(("shared expert (gate, up, down)" + tag).c_str(), DS4_TYPE_Q8_0,
+                                       {{2048, 4096}, {2048, 4096}, {4096, 2048}}, iters, copy, s));
+            rows.push_back(bench_experts(("routed experts, Q2 file" + tag).c_str(), DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K,
+                                         4096, 2048, 256, 6, iters, copy, s));
+            rows.push_back(bench_experts(("routed experts, Q4 file" + tag).c_str(), DS4_TYPE_Q4_K, DS4_TYPE_Q4_K, 4096,
+                                         2048, 256, 6, iters, copy, s));
+            if (v == 2)
+                rows.push_back(bench_plain("token_embd-like F16 [4096x4096]", DS4_TYPE_F16, {{4096, 4096}}, iters, copy, s));
+        }
+        ds4::cuda_set_matvec_version(2);
     } catch (const ds4::Error &e) {
         std::fprintf(stderr, "engine error: %s\n", e.what());
         return 1;
