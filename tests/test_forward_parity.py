@@ -183,3 +183,22 @@ def test_session_errors(runtime):
             s.eval([m.n_vocab])
         with pytest.raises(rt.EngineError, match="max_ctx"):
             m.new_session(0)
+
+
+def test_repeated_truncate_and_reuse(runtime):
+    """Prefix reuse as a server does it: run, cut back, branch, cut back further, branch again."""
+    rt, lib = runtime
+    path = mt.ensure_gguf("k7", 0)
+    rng = np.random.default_rng(11)
+    a, b, c = (rng.integers(0, 3000, size=k).tolist() for k in (90, 20, 15))
+    with rt.Model(path, lib=lib) as m:
+        with m.new_session(MAX_CTX) as s:
+            s.eval(a)
+            s.truncate(75)
+            s.eval(b)
+            s.truncate(40)
+            got = s.eval(c, all_logits=True)
+        with m.new_session(MAX_CTX) as s:
+            s.eval(a[:40])
+            want = s.eval(c, all_logits=True)
+    assert np.array_equal(got, want)

@@ -559,257 +559,303 @@ bool compressor_step(int ratio, bool csa, int head, const float *c, const float 
 
 }  // namespace
 
+// Activations of a batch of n tokens at positions pos0 .. pos0+n-1 while it walks through the layers.
+struct Batch {
+    int n = 0;
+    int64_t pos0 = 0;
+    const int32_t *toks = nullptr;
+    std::vector<float> H;           // n x hc*E: the hyper-connection streams (stream-major per token)
+    std::vector<HCWeights> hcw;     // per token: post / comb of the current half-layer
+    std::vector<float> x_in, a;     // n x E: collapsed streams, normed block input
+    std::vector<float> qr, q, kv;   // n x q_lora_rank, n x heads*head_dim, n x head_dim
+    std::vector<float> o, y;        // n x heads*head_dim attention output, n x E block output
+};
+
+// The position-independent products of a compressed layer, for the whole batch (steps 7-9).
+struct CompressorInputs {
+    int width = 0;                    // compressor width: 2*head_dim (csa) or head_dim (hca)
+    std::vector<float> c, z, ape;     // n x width kv / gate; ape [ratio x width]
+    std::vector<float> ic, iz, iape;  // indexer compressor: n x 2*idx_dim, ape [ratio x 2*idx_dim]
+    std::vector<float> qi, wi;        // indexer queries n x idx_heads*idx_dim, head weights n x idx_heads
+};
+
 void Session::forward(const int32_t *toks, int n, bool all_logits, float *logits) {
+    const Hparams &hp = model->hp;
+    const int E = hp.n_embd, HCE = hp.hc_mult * hp.n_embd;
+    Batch b;
+    b.n = n;
+    b.pos0 = pos;
+    b.toks = toks;
+    b.hcw.resize(n);
+    b.x_in.resize((size_t)n * E);
+    b.a.resize((size_t)n * E);
+    b.y.resize((size_t)n * E);
+    b.qr.resize((size_t)n * hp.q_lora_rank);
+    b.q.resize((size_t)n * hp.n_head * hp.head_dim);
+    b.o.resize(b.q.size());
+    b.kv.resize((size_t)n * hp.head_dim);
+
+    // 0. x = token_embd[t]; H = hc copies of x
+    b.H.resize((size_t)n * HCE);
+    for (int t = 0; t < n; t++) {
+        float *Ht = &b.H[(size_t)t * HCE];
+        cpu_dequant_rows(model->tok_embd.type, model->tok_embd.data, E, toks[t], toks[t] + 1, Ht);
+        for (int s = 1; s < hp.hc_mult; s++) std::copy(Ht, Ht + E, Ht + (size_t)s * E);
+    }
+    for (int L = 0; L < hp.n_layer; L++) {
+        attention_block(L, b);  // steps 1-13
+        ffn_block(L, b);        // steps 14-18
+    }
+    if (logits) head(b, all_logits, logits);  // step 19
+}
+
+void Session::attention_block(int L, Batch &b) {
     const Model &M = *model;
     const Hparams &hp = M.hp;
-    const int E = hp.n_embd, hc = hp.hc_mult, D = hp.n_head, hd = hp.head_dim, nrot = hp.n_rot;
-    const int64_t HCE = (int64_t)hc * E;
+    const LayerWeights &w = M.layers[L];
+    const int n = b.n, E = hp.n_embd, HCE = hp.hc_mult * hp.n_embd, D = hp.n_head, hd = hp.head_dim;
+    const int QR = hp.q_lora_rank, ID = hp.idx_dim, IH = hp.idx_heads;
+    const cpu::Rope &rope = M.rope_for(L);
+
+    for (int t = 0; t < n; t++) {
+        // 1. HC pre: x_in, post, comb from the streams
+        hc_pre(hp, w.hc_attn_fn, w.hc_attn_scale, w.hc_attn_base, &b.H[(size_t)t * HCE], &b.x_in[(size_t)t * E],
+               b.hcw[t]);
+        // 2. a = RMS(x_in) * attn_norm
+        cpu::rms_norm(&b.x_in[(size_t)t * E], E, w.attn_norm.f32(), hp.rms_eps, &b.a[(size_t)t * E]);
+    }
+    // 3. qr = RMS(q_a a) * q_a_norm; q = q_b qr, each head RMS-normalised without weight
+    matmul(w.q_a, b.a.data(), n, b.qr.data());
+    for (int t = 0; t < n; t++) cpu::rms_norm(&b.qr[(size_t)t * QR], QR, w.q_a_norm.f32(), hp.rms_eps, &b.qr[(size_t)t * QR]);
+    matmul(w.q_b, b.qr.data(), n, b.q.data());
+    // 4. kv = RMS(attn_kv a) * kv_norm
+    matmul(w.kv, b.a.data(), n, b.kv.data());
+    for (int t = 0; t < n; t++) {
+        const int64_t p = b.pos0 + t;
+        for (int h = 0; h < D; h++) {
+            float *qh = &b.q[((size_t)t * D + h) * hd];
+            cpu::rms_norm(qh, hd, nullptr, hp.rms_eps, qh);
+            rope.apply(qh, hd, p);  // 5. RoPE on the trailing n_rot dims (YaRN on compressed layers)
+        }
+        float *kt = &b.kv[(size_t)t * hd];
+        cpu::rms_norm(kt, hd, w.kv_norm.f32(), hp.rms_eps, kt);
+        rope.apply(kt, hd, p);
+    }
+    // 7-9, position-independent part: compressor and indexer projections for the whole batch
+    CompressorInputs ci;
+    if (w.ratio) {
+        ci.width = (w.csa ? 2 : 1) * hd;
+        ci.c.resize((size_t)n * ci.width);
+        ci.z.resize((size_t)n * ci.width);
+        matmul(w.cmp_kv, b.a.data(), n, ci.c.data());
+        matmul(w.cmp_gate, b.a.data(), n, ci.z.data());
+        ci.ape = dequant_all(w.cmp_ape);
+    }
+    if (w.csa) {
+        ci.ic.resize((size_t)n * 2 * ID);
+        ci.iz.resize((size_t)n * 2 * ID);
+        ci.qi.resize((size_t)n * IH * ID);
+        ci.wi.resize((size_t)n * IH);
+        matmul(w.idx_kv, b.a.data(), n, ci.ic.data());
+        matmul(w.idx_gate, b.a.data(), n, ci.iz.data());
+        matmul(w.idx_q_b, b.qr.data(), n, ci.qi.data());
+        matmul(w.idx_proj, b.a.data(), n, ci.wi.data());
+        ci.iape = dequant_all(w.idx_ape);
+    }
+    // 6-11: the stateful part, token by token in position order
+    for (int t = 0; t < n; t++) attend_one(L, b, t, ci);
+
+    // 12. grouped output projection: low_g = attn_output_a[group g rows] . o[heads of group g];
+    //     y = attn_output_b . concat(low_0 .. low_{G-1})
     const int G = hp.o_groups, in_g = D * hd / G, OR = hp.o_lora_rank;
-    const int QR = hp.q_lora_rank, IH = hp.idx_heads, ID = hp.idx_dim, F = hp.n_ff;
+    std::vector<float> grp((size_t)n * in_g), lowg((size_t)n * OR), low((size_t)n * G * OR);
+    for (int g = 0; g < G; g++) {
+        for (int t = 0; t < n; t++)
+            std::memcpy(&grp[(size_t)t * in_g], &b.o[(size_t)t * D * hd + (size_t)g * in_g], sizeof(float) * in_g);
+        matmul_rows(w.out_a, (int64_t)g * OR, OR, grp.data(), n, lowg.data());
+        for (int t = 0; t < n; t++)
+            std::memcpy(&low[(size_t)t * G * OR + (size_t)g * OR], &lowg[(size_t)t * OR], sizeof(float) * OR);
+    }
+    matmul(w.out_b, low.data(), n, b.y.data());
+    // 13. HC post: H'_k = post_k y + sum_j comb[j][k] H_j
+    for (int t = 0; t < n; t++) hc_post(hp, b.hcw[t], &b.y[(size_t)t * E], &b.H[(size_t)t * HCE]);
+}
 
-    // 0. embeddings, copied into every HC stream
-    std::vector<float> H((size_t)n * HCE);
-    {
-        std::vector<float> x(E);
-        for (int t = 0; t < n; t++) {
-            cpu_dequant_rows(M.tok_embd.type, M.tok_embd.data, E, toks[t], toks[t] + 1, x.data());
-            for (int s = 0; s < hc; s++) std::copy(x.begin(), x.end(), H.begin() + (size_t)t * HCE + (size_t)s * E);
-        }
+void Session::attend_one(int L, Batch &b, int t, const CompressorInputs &ci) {
+    const Model &M = *model;
+    const Hparams &hp = M.hp;
+    const LayerWeights &w = M.layers[L];
+    LayerState &st = layers[L];
+    const int D = hp.n_head, hd = hp.head_dim, nrot = hp.n_rot, ID = hp.idx_dim, IH = hp.idx_heads;
+    const int r = w.ratio;
+    const int64_t p = b.pos0 + t;
+    if (p > 0 && p % ckpt_every == 0 && (size_t)(p / ckpt_every - 1) < ckpts.size())
+        save_layer_ckpt(L, (int)(p / ckpt_every - 1));  // state before position p, for truncate
+
+    // 6. kv: FP8 round-trip on the non-rope dims, F16 (official mode); into the raw window
+    float *kt = &b.kv[(size_t)t * hd];
+    if (roundtrip) cpu::kv_roundtrip(kt, hd, hd - nrot);
+    std::memcpy(&st.ring[(size_t)(p % hp.window) * hd], kt, sizeof(float) * hd);
+
+    // 7. compressor: one row per `ratio` positions = RMS(pooled) * norm, RoPE at the window start p + 1 - r
+    std::vector<float> row(std::max(hd, ID));
+    if (r && compressor_step(r, w.csa, hd, &ci.c[(size_t)t * ci.width], &ci.z[(size_t)t * ci.width], ci.ape.data(),
+                             p, st.ckv.data(), st.csc.data(), row.data())) {
+        float *dst = &st.comp[(size_t)(p / r) * hd];
+        cpu::rms_norm(row.data(), hd, w.cmp_norm.f32(), hp.rms_eps, dst);
+        M.rope_compress.apply(dst, hd, p + 1 - r);
+        if (roundtrip) cpu::kv_roundtrip(dst, hd, hd - nrot);
+    }
+    // 8. indexer compressor (csa): the same pooling at the indexer width; Hadamard + FP4 (official mode)
+    if (w.csa && compressor_step(r, true, ID, &ci.ic[(size_t)t * 2 * ID], &ci.iz[(size_t)t * 2 * ID],
+                                 ci.iape.data(), p, st.ikv.data(), st.isc.data(), row.data())) {
+        float *dst = &st.idx[(size_t)(p / r) * ID];
+        cpu::rms_norm(row.data(), ID, w.idx_norm.f32(), hp.rms_eps, dst);
+        M.rope_compress.apply(dst, ID, p + 1 - r);
+        if (roundtrip) cpu::indexer_roundtrip(dst, ID);
     }
 
-    std::vector<float> x_in((size_t)n * E), a((size_t)n * E), qr((size_t)n * QR), q((size_t)n * D * hd);
-    std::vector<float> kv((size_t)n * hd), o((size_t)n * D * hd), low((size_t)n * G * OR), y((size_t)n * E);
-    std::vector<float> grp((size_t)n * in_g), lowg((size_t)n * OR);
-    std::vector<HCWeights> hcw(n);
-    std::vector<float> scores, row(std::max(hd, ID)), probs;
-
-    for (int L = 0; L < hp.n_layer; L++) {
-        const LayerWeights &w = M.layers[L];
-        LayerState &st = layers[L];
-        const cpu::Rope &rope = M.rope_for(L);
-        const int r = w.ratio;
-
-        // ---------------- attention half ----------------
-        for (int t = 0; t < n; t++) {
-            // 1. HC pre
-            hc_pre(hp, w.hc_attn_fn, w.hc_attn_scale, w.hc_attn_base, &H[(size_t)t * HCE], &x_in[(size_t)t * E], hcw[t]);
-            // 2. a = RMS(x_in) * attn_norm
-            cpu::rms_norm(&x_in[(size_t)t * E], E, w.attn_norm.f32(), hp.rms_eps, &a[(size_t)t * E]);
+    // visible compressed rows: index < (p + 1) / r
+    const int n_comp = r ? (int)((p + 1) / r) : 0;
+    std::vector<int> sel;
+    if (w.csa && n_comp > hp.idx_topk) {
+        // 9. indexer: score_c = sum_h (w_h / sqrt(IH)) * relu(qI_h . kI_c) / sqrt(ID); keep the top-k rows
+        //    (equal scores: lower row first)
+        std::vector<float> qt(ci.qi.begin() + (size_t)t * IH * ID, ci.qi.begin() + (size_t)(t + 1) * IH * ID);
+        for (int h = 0; h < IH; h++) {
+            M.rope_compress.apply(&qt[(size_t)h * ID], ID, p);
+            if (roundtrip) cpu::indexer_roundtrip(&qt[(size_t)h * ID], ID);
         }
-
-        // 3. qr = RMS(q_a a) * q_a_norm; q = q_b qr, per-head RMS without weight
-        matmul(w.q_a, a.data(), n, qr.data());
-        for (int t = 0; t < n; t++) cpu::rms_norm(&qr[(size_t)t * QR], QR, w.q_a_norm.f32(), hp.rms_eps, &qr[(size_t)t * QR]);
-        matmul(w.q_b, qr.data(), n, q.data());
-        // 4. kv = RMS(attn_kv a) * kv_norm
-        matmul(w.kv, a.data(), n, kv.data());
-        for (int t = 0; t < n; t++) {
-            const int64_t p = pos + t;
-            for (int h = 0; h < D; h++) {
-                float *qh = &q[((size_t)t * D + h) * hd];
-                cpu::rms_norm(qh, hd, nullptr, hp.rms_eps, qh);
-                rope.apply(qh, hd, p);  // 5. RoPE on the trailing n_rot dims
+        const float s_scale = 1.0f / std::sqrt((float)ID), w_scale = 1.0f / std::sqrt((float)IH);
+        std::vector<float> scores(n_comp);
+        for (int c = 0; c < n_comp; c++) {
+            const float *kc = &st.idx[(size_t)c * ID];
+            float acc = 0.0f;
+            for (int h = 0; h < IH; h++) {
+                const float *qh = &qt[(size_t)h * ID];
+                float dot = 0.0f;
+                for (int d = 0; d < ID; d++) dot += qh[d] * kc[d];
+                acc += (std::max(dot, 0.0f) * s_scale) * (ci.wi[(size_t)t * IH + h] * w_scale);
             }
-            float *kt = &kv[(size_t)t * hd];
-            cpu::rms_norm(kt, hd, w.kv_norm.f32(), hp.rms_eps, kt);
-            rope.apply(kt, hd, p);
+            scores[c] = acc;
         }
-        // compressor / indexer projections (7, 8, 9: the position-independent parts)
-        std::vector<float> cc, cz, ic, iz, qi, wi;
-        const int CW = r ? (w.csa ? 2 : 1) * hd : 0;
-        if (r) {
-            cc.resize((size_t)n * CW);
-            cz.resize((size_t)n * CW);
-            matmul(w.cmp_kv, a.data(), n, cc.data());
-            matmul(w.cmp_gate, a.data(), n, cz.data());
-        }
-        if (w.csa) {
-            ic.resize((size_t)n * 2 * ID);
-            iz.resize((size_t)n * 2 * ID);
-            qi.resize((size_t)n * IH * ID);
-            wi.resize((size_t)n * IH);
-            matmul(w.idx_kv, a.data(), n, ic.data());
-            matmul(w.idx_gate, a.data(), n, iz.data());
-            matmul(w.idx_q_b, qr.data(), n, qi.data());
-            matmul(w.idx_proj, a.data(), n, wi.data());
-        }
-        std::vector<float> ape, iape;
-        if (r) ape = dequant_all(w.cmp_ape);
-        if (w.csa) iape = dequant_all(w.idx_ape);
-
-        // the stateful part, token by token in position order
-        for (int t = 0; t < n; t++) {
-            const int64_t p = pos + t;
-            if (p > 0 && p % ckpt_every == 0 && (size_t)(p / ckpt_every - 1) < ckpts.size())
-                save_layer_ckpt(L, (int)(p / ckpt_every - 1));
-
-            // 6. raw window: round-trip (FP8 on the non-rope dims, F16), append
-            float *kt = &kv[(size_t)t * hd];
-            if (roundtrip) cpu::kv_roundtrip(kt, hd, hd - nrot);
-            std::memcpy(&st.ring[(size_t)(p % hp.window) * hd], kt, sizeof(float) * hd);
-
-            // 7. compressor: a row every r positions, RoPE at the window start p + 1 - r
-            if (r && compressor_step(r, w.csa, hd, &cc[(size_t)t * CW], &cz[(size_t)t * CW], ape.data(), p,
-                                     st.ckv.data(), st.csc.data(), row.data())) {
-                const int64_t ci = p / r;
-                float *dst = &st.comp[(size_t)ci * hd];
-                cpu::rms_norm(row.data(), hd, w.cmp_norm.f32(), hp.rms_eps, dst);
-                M.rope_compress.apply(dst, hd, p + 1 - r);
-                if (roundtrip) cpu::kv_roundtrip(dst, hd, hd - nrot);
-            }
-            // 8. indexer compressor (csa): same pooling at the indexer width
-            if (w.csa && compressor_step(r, true, ID, &ic[(size_t)t * 2 * ID], &iz[(size_t)t * 2 * ID], iape.data(),
-                                         p, st.ikv.data(), st.isc.data(), row.data())) {
-                const int64_t ci = p / r;
-                float *dst = &st.idx[(size_t)ci * ID];
-                cpu::rms_norm(row.data(), ID, w.idx_norm.f32(), hp.rms_eps, dst);
-                M.rope_compress.apply(dst, ID, p + 1 - r);
-                if (roundtrip) cpu::indexer_roundtrip(dst, ID);
-            }
-
-            // visible compressed rows: index < (p + 1) / r
-            const int n_comp = r ? (int)((p + 1) / r) : 0;
-            std::vector<int> sel;
-            if (w.csa && n_comp > hp.idx_topk) {
-                // 9. indexer: score_c = sum_h w_h * relu(qI_h . kI_c) / sqrt(ID), w = proj(a) / sqrt(IH); top-k
-                float *qt = &qi[(size_t)t * IH * ID];
-                for (int h = 0; h < IH; h++) {
-                    M.rope_compress.apply(qt + (size_t)h * ID, ID, p);
-                    if (roundtrip) cpu::indexer_roundtrip(qt + (size_t)h * ID, ID);
-                }
-                const float s_scale = 1.0f / std::sqrt((float)ID), w_scale = 1.0f / std::sqrt((float)IH);
-                scores.assign(n_comp, 0.0f);
-                for (int c = 0; c < n_comp; c++) {
-                    const float *kc = &st.idx[(size_t)c * ID];
-                    float acc = 0.0f;
-                    for (int h = 0; h < IH; h++) {
-                        const float *qh = qt + (size_t)h * ID;
-                        float dot = 0.0f;
-                        for (int d = 0; d < ID; d++) dot += qh[d] * kc[d];
-                        acc += (std::max(dot, 0.0f) * s_scale) * (wi[(size_t)t * IH + h] * w_scale);
-                    }
-                    scores[c] = acc;
-                }
-                sel.resize(hp.idx_topk);
-                cpu::topk(scores.data(), n_comp, hp.idx_topk, sel.data());
-                std::sort(sel.begin(), sel.end());
-            } else {
-                sel.resize(n_comp);
-                for (int c = 0; c < n_comp; c++) sel[c] = c;
-            }
-
-            // 10. attention per head over the raw window and the visible compressed rows, with the sink
-            const int64_t w0 = std::max<int64_t>(0, p - hp.window + 1);
-            const int n_raw = (int)(p - w0 + 1), n_all = n_raw + (int)sel.size();
-            std::vector<const float *> rows(n_all);
-            for (int i = 0; i < n_raw; i++) rows[i] = &st.ring[(size_t)((w0 + i) % hp.window) * hd];
-            for (size_t i = 0; i < sel.size(); i++) rows[n_raw + i] = &st.comp[(size_t)sel[i] * hd];
-            const float scale = 1.0f / std::sqrt((float)hd);
-            probs.resize(n_all + 1);
-            for (int h = 0; h < D; h++) {
-                const float *qh = &q[((size_t)t * D + h) * hd];
-                for (int i = 0; i < n_all; i++) {
-                    float dot = 0.0f;
-                    for (int d = 0; d < hd; d++) dot += qh[d] * rows[i][d];
-                    probs[i] = dot * scale;
-                }
-                probs[n_all] = w.sinks.f32()[h];  // the sink: in the denominator only
-                cpu::softmax(probs.data(), n_all + 1);
-                float *oh = &o[((size_t)t * D + h) * hd];
-                std::fill(oh, oh + hd, 0.0f);
-                for (int i = 0; i < n_all; i++)
-                    for (int d = 0; d < hd; d++) oh[d] += probs[i] * rows[i][d];
-                // 11. inverse RoPE on the output's rope dims
-                rope.apply(oh, hd, p, /*inverse=*/true);
-            }
-        }
-
-        // 12. grouped output projection: low_g = out_a[g] o[heads of g]; y = out_b concat(low)
-        for (int g = 0; g < G; g++) {
-            for (int t = 0; t < n; t++)
-                std::memcpy(&grp[(size_t)t * in_g], &o[(size_t)t * D * hd + (size_t)g * in_g], sizeof(float) * in_g);
-            matmul_rows(w.out_a, (int64_t)g * OR, OR, grp.data(), n, lowg.data());
-            for (int t = 0; t < n; t++)
-                std::memcpy(&low[(size_t)t * G * OR + (size_t)g * OR], &lowg[(size_t)t * OR], sizeof(float) * OR);
-        }
-        matmul(w.out_b, low.data(), n, y.data());
-        // 13. HC post
-        for (int t = 0; t < n; t++) hc_post(hp, hcw[t], &y[(size_t)t * E], &H[(size_t)t * HCE]);
-
-        // ---------------- FFN half ----------------
-        // 14. HC pre with the ffn weights; n = RMS(x_f) * ffn_norm
-        std::vector<float> &nrm = a;
-        for (int t = 0; t < n; t++) {
-            hc_pre(hp, w.hc_ffn_fn, w.hc_ffn_scale, w.hc_ffn_base, &H[(size_t)t * HCE], &x_in[(size_t)t * E], hcw[t]);
-            cpu::rms_norm(&x_in[(size_t)t * E], E, w.ffn_norm.f32(), hp.rms_eps, &nrm[(size_t)t * E]);
-        }
-        // 15. router: s = sqrt(softplus(gate_inp n)); hash layers take tid2eid[token], others top-k of s + bias
-        const int K = hp.n_expert_used, NE = hp.n_expert;
-        std::vector<float> glog((size_t)n * NE);
-        matmul(w.gate_inp, nrm.data(), n, glog.data());
-        std::vector<int> eid((size_t)n * K);
-        std::vector<float> ewt((size_t)n * K);
-        for (int t = 0; t < n; t++) {
-            std::vector<float> s(NE), biased(NE);
-            for (int e = 0; e < NE; e++) s[e] = std::sqrt(cpu::softplus(glog[(size_t)t * NE + e]));
-            int *sel = &eid[(size_t)t * K];
-            if (w.tid2eid.present() && L < hp.n_hash) {
-                for (int k = 0; k < K; k++) sel[k] = w.tid2eid.i32()[(size_t)toks[t] * K + k];
-            } else {
-                for (int e = 0; e < NE; e++) biased[e] = s[e] + (w.exp_bias.present() ? w.exp_bias.f32()[e] : 0.0f);
-                cpu::topk(biased.data(), NE, K, sel);
-            }
-            float sum = 0.0f;
-            for (int k = 0; k < K; k++) sum += s[sel[k]];
-            // weights from the unbiased scores, normalised, times the routed scale (ds4 floors the sum)
-            const float denom = roundtrip ? std::max(sum, 6.103515625e-5f) : sum + 1e-20f;
-            for (int k = 0; k < K; k++) ewt[(size_t)t * K + k] = s[sel[k]] / denom * hp.expert_scale;
-        }
-        // 16. routed experts: tokens grouped per expert (each row bit-identical to a single-token product),
-        //     summed per token in ascending expert order
-        std::vector<float> moe((size_t)n * E, 0.0f);
-        const float lim = hp.swiglu_limit[L];
-        for (int e = 0; e < NE; e++) {
-            std::vector<int> who;
-            std::vector<float> wts;
-            for (int t = 0; t < n; t++)
-                for (int k = 0; k < K; k++)
-                    if (eid[(size_t)t * K + k] == e) {
-                        who.push_back(t);
-                        wts.push_back(ewt[(size_t)t * K + k]);
-                    }
-            if (who.empty()) continue;
-            const int m = (int)who.size();
-            std::vector<float> X((size_t)m * E), gt((size_t)m * F), up((size_t)m * F), dn((size_t)m * E);
-            for (int i = 0; i < m; i++) std::memcpy(&X[(size_t)i * E], &nrm[(size_t)who[i] * E], sizeof(float) * E);
-            matmul_rows(w.gate_exps, (int64_t)e * F, F, X.data(), m, gt.data());
-            matmul_rows(w.up_exps, (int64_t)e * F, F, X.data(), m, up.data());
-            for (size_t i = 0; i < gt.size(); i++) gt[i] = swiglu(gt[i], up[i], lim);
-            matmul_rows(w.down_exps, (int64_t)e * E, E, gt.data(), m, dn.data());
-            for (int i = 0; i < m; i++)
-                for (int d = 0; d < E; d++) moe[(size_t)who[i] * E + d] += dn[(size_t)i * E + d] * wts[i];
-        }
-        // 17. shared expert (same clamp), added to the routed sum
-        {
-            std::vector<float> gt((size_t)n * F), up((size_t)n * F);
-            matmul(w.gate_sh, nrm.data(), n, gt.data());
-            matmul(w.up_sh, nrm.data(), n, up.data());
-            for (size_t i = 0; i < gt.size(); i++) gt[i] = swiglu(gt[i], up[i], lim);
-            matmul(w.down_sh, gt.data(), n, y.data());
-            for (size_t i = 0; i < y.size(); i++) y[i] = moe[i] + y[i];
-        }
-        // 18. HC post
-        for (int t = 0; t < n; t++) hc_post(hp, hcw[t], &y[(size_t)t * E], &H[(size_t)t * HCE]);
+        sel.resize(hp.idx_topk);
+        cpu::topk(scores.data(), n_comp, hp.idx_topk, sel.data());
+        std::sort(sel.begin(), sel.end());
+    } else {
+        sel.resize(n_comp);  // ratio-128 layers, or few rows: every emitted row is visible
+        for (int c = 0; c < n_comp; c++) sel[c] = c;
     }
 
-    // 19. head: collapse the streams with output_hc weights, RMS * output_norm, output projection
-    if (!logits) return;
+    // 10. attention per head over the raw window and the visible compressed rows; value = key;
+    //     softmax with the head's sink logit in the denominator only
+    const int64_t w0 = std::max<int64_t>(0, p - hp.window + 1);
+    const int n_raw = (int)(p - w0 + 1), n_all = n_raw + (int)sel.size();
+    std::vector<const float *> rows(n_all);
+    for (int i = 0; i < n_raw; i++) rows[i] = &st.ring[(size_t)((w0 + i) % hp.window) * hd];
+    for (size_t i = 0; i < sel.size(); i++) rows[n_raw + i] = &st.comp[(size_t)sel[i] * hd];
+    const float scale = 1.0f / std::sqrt((float)hd);
+    std::vector<float> probs(n_all + 1);
+    for (int h = 0; h < D; h++) {
+        const float *qh = &b.q[((size_t)t * D + h) * hd];
+        for (int i = 0; i < n_all; i++) {
+            float dot = 0.0f;
+            for (int d = 0; d < hd; d++) dot += qh[d] * rows[i][d];
+            probs[i] = dot * scale;
+        }
+        probs[n_all] = w.sinks.f32()[h];
+        cpu::softmax(probs.data(), n_all + 1);
+        float *oh = &b.o[((size_t)t * D + h) * hd];
+        std::fill(oh, oh + hd, 0.0f);
+        for (int i = 0; i < n_all; i++)
+            for (int d = 0; d < hd; d++) oh[d] += probs[i] * rows[i][d];
+        // 11. inverse RoPE (angle -p) on the output's rope dims
+        M.rope_for(L).apply(oh, hd, p, /*inverse=*/true);
+    }
+}
+
+void Session::ffn_block(int L, Batch &b) {
+    const Model &M = *model;
+    const Hparams &hp = M.hp;
+    const LayerWeights &w = M.layers[L];
+    const int n = b.n, E = hp.n_embd, HCE = hp.hc_mult * hp.n_embd, F = hp.n_ff;
+    const int K = hp.n_expert_used, NE = hp.n_expert;
+
+    // 14. HC pre with the ffn weights; x = RMS(x_f) * ffn_norm
+    std::vector<float> &x = b.a;
+    for (int t = 0; t < n; t++) {
+        hc_pre(hp, w.hc_ffn_fn, w.hc_ffn_scale, w.hc_ffn_base, &b.H[(size_t)t * HCE], &b.x_in[(size_t)t * E], b.hcw[t]);
+        cpu::rms_norm(&b.x_in[(size_t)t * E], E, w.ffn_norm.f32(), hp.rms_eps, &x[(size_t)t * E]);
+    }
+    // 15. router: s = sqrt(softplus(ffn_gate_inp x)). Hash layers: experts = tid2eid[token]; others: top-k of
+    //     s + exp_probs_b (equal scores: lower expert first). Weights from the unbiased s, normalised, * scale.
+    std::vector<float> glog((size_t)n * NE);
+    matmul(w.gate_inp, x.data(), n, glog.data());
+    std::vector<int> eid((size_t)n * K);
+    std::vector<float> ewt((size_t)n * K), s(NE), biased(NE);
+    for (int t = 0; t < n; t++) {
+        for (int e = 0; e < NE; e++) s[e] = std::sqrt(cpu::softplus(glog[(size_t)t * NE + e]));
+        int *sel = &eid[(size_t)t * K];
+        if (L < hp.n_hash) {
+            for (int k = 0; k < K; k++) sel[k] = w.tid2eid.i32()[(size_t)b.toks[t] * K + k];
+        } else {
+            for (int e = 0; e < NE; e++) biased[e] = s[e] + (w.exp_bias.present() ? w.exp_bias.f32()[e] : 0.0f);
+            cpu::topk(biased.data(), NE, K, sel);
+        }
+        float sum = 0.0f;
+        for (int k = 0; k < K; k++) sum += s[sel[k]];
+        // official mode: ds4's floor on the sum; reference mode: transformers' + 1e-20
+        const float denom = roundtrip ? std::max(sum, 6.103515625e-5f) : sum + 1e-20f;
+        for (int k = 0; k < K; k++) ewt[(size_t)t * K + k] = s[sel[k]] / denom * hp.expert_scale;
+    }
+    // 16. routed experts: y_e = W_down,e (silu(min(W_gate,e x, lim)) * clamp(W_up,e x, +-lim)) * w_e.
+    //     Tokens are grouped per expert (each row of a batched product equals the single-token product) and
+    //     summed per token in ascending expert order.
+    std::vector<float> moe((size_t)n * E, 0.0f);
+    const float lim = hp.swiglu_limit[L];
+    for (int e = 0; e < NE; e++) {
+        std::vector<int> who;
+        std::vector<float> wts;
+        for (int t = 0; t < n; t++)
+            for (int k = 0; k < K; k++)
+                if (eid[(size_t)t * K + k] == e) {
+                    who.push_back(t);
+                    wts.push_back(ewt[(size_t)t * K + k]);
+                }
+        if (who.empty()) continue;
+        const int m = (int)who.size();
+        std::vector<float> X((size_t)m * E), gt((size_t)m * F), up((size_t)m * F), dn((size_t)m * E);
+        for (int i = 0; i < m; i++) std::memcpy(&X[(size_t)i * E], &x[(size_t)who[i] * E], sizeof(float) * E);
+        matmul_rows(w.gate_exps, (int64_t)e * F, F, X.data(), m, gt.data());
+        matmul_rows(w.up_exps, (int64_t)e * F, F, X.data(), m, up.data());
+        for (size_t i = 0; i < gt.size(); i++) gt[i] = swiglu(gt[i], up[i], lim);
+        matmul_rows(w.down_exps, (int64_t)e * E, E, gt.data(), m, dn.data());
+        for (int i = 0; i < m; i++)
+            for (int d = 0; d < E; d++) moe[(size_t)who[i] * E + d] += dn[(size_t)i * E + d] * wts[i];
+    }
+    // 17. shared expert: the same clamped SwiGLU, unweighted; block output = routed + shared
+    std::vector<float> gt((size_t)n * F), up((size_t)n * F);
+    matmul(w.gate_sh, x.data(), n, gt.data());
+    matmul(w.up_sh, x.data(), n, up.data());
+    for (size_t i = 0; i < gt.size(); i++) gt[i] = swiglu(gt[i], up[i], lim);
+    matmul(w.down_sh, gt.data(), n, b.y.data());
+    for (size_t i = 0; i < b.y.size(); i++) b.y[i] = moe[i] + b.y[i];
+    // 18. HC post
+    for (int t = 0; t < n; t++) hc_post(hp, b.hcw[t], &b.y[(size_t)t * E], &b.H[(size_t)t * HCE]);
+}
+
+void Session::head(const Batch &b, bool all_logits, float *logits) {
+    const Model &M = *model;
+    const Hparams &hp = M.hp;
+    const int E = hp.n_embd, hc = hp.hc_mult, HCE = hc * E;
+    // 19. f = RMS(flatten(H)); w_s = sigmoid(output_hc_fn f * scale + base) + eps; z = sum_s w_s H_s;
+    //     logits = output . (RMS(z) * output_norm)
     std::vector<float> f(HCE), mix(hc), z(E);
-    for (int t = all_logits ? 0 : n - 1; t < n; t++) {
-        const float *Ht = &H[(size_t)t * HCE];
+    for (int t = all_logits ? 0 : b.n - 1; t < b.n; t++) {
+        const float *Ht = &b.H[(size_t)t * HCE];
         cpu::rms_norm(Ht, HCE, nullptr, hp.rms_eps, f.data());
         cpu_matvec(M.out_hc_fn.type, M.out_hc_fn.data, hc, HCE, f.data(), mix.data());
-        for (int d = 0; d < E; d++) z[d] = 0.0f;
+        std::fill(z.begin(), z.end(), 0.0f);
         for (int s = 0; s < hc; s++) {
             const float ws = cpu::sigmoid(mix[s] * M.out_hc_scale.f32()[0] + M.out_hc_base.f32()[s]) + hp.hc_eps;
             for (int d = 0; d < E; d++) z[d] += ws * Ht[(size_t)s * E + d];

@@ -15,6 +15,9 @@
 
 namespace ds4 {
 
+struct Batch;
+struct CompressorInputs;
+
 struct Hparams {
     int n_layer = 0, n_embd = 0, n_vocab = 0;
     int n_head = 0, head_dim = 0, n_rot = 0;
@@ -102,7 +105,13 @@ struct Session {
     void truncate(int n);
 
 private:
+    // The forward pass (ds4-model-facts.md D): embeddings, then per layer the attention half (steps 1-13) and
+    // the FFN half (14-18), then the head (19).
     void forward(const int32_t *toks, int n, bool all_logits, float *logits);
+    void attention_block(int layer, Batch &b);
+    void attend_one(int layer, Batch &b, int t, const CompressorInputs &ci);  // steps 6-11 for one token
+    void ffn_block(int layer, Batch &b);
+    void head(const Batch &b, bool all_logits, float *logits);
     void save_layer_ckpt(int layer, int k);
 };
 
