@@ -124,8 +124,10 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float,
     deadline = time.monotonic() + timeout_s
     while True:
         if proc is not None and proc.poll() is not None:
-            raise UserError(f"the server exited with code {proc.returncode} before it was ready: {_tail(log)}",
-                            f"see {log}" if log else None)
+            err, fix = _cli_error(log)
+            if err:  # the server's own one-line error and fix
+                raise UserError(err, fix)
+            raise UserError(f"the server exited with code {proc.returncode} before it was ready: {_tail(log)}")
         try:
             r = httpx.get(url.rstrip("/") + "/health", timeout=2.0)
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
@@ -134,13 +136,25 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float,
             if progress:
                 progress(body)
             if body.get("status") == "error":
-                raise UserError(f"the server could not load the model: {body.get('error')}", f"see {log}" if log else None)
+                raise UserError(f"the server could not load the model: {body.get('error')}")
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             raise UserError(f"the server was not ready after {timeout_s:.0f} s: {_tail(log)}",
-                            f"see {log}" if log else None)
+                            "a slow disk needs longer; try again, or load it once with spark-setup serve --foreground")
         time.sleep(0.2)
+
+
+def _cli_error(log: Path | None) -> tuple[str | None, str | None]:
+    if not log or not log.exists():
+        return None, None
+    err = fix = None
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("error: "):
+            err, fix = line[len("error: "):], None
+        elif line.startswith("fix: ") and err:
+            fix = line[len("fix: "):]
+    return err, fix
 
 
 def _tail(log: Path | None, n: int = 3) -> str:
@@ -152,7 +166,8 @@ def _tail(log: Path | None, n: int = 3) -> str:
 
 def run_smoke(url: str | None = None, model: str | Path | None = None, demo: bool = False,
               settings: Settings | None = None, api_key: str | None = None, ctx: int = 4096,
-              load_timeout_s: float = 1800.0, progress: Callable[[dict], None] | None = None) -> SmokeResult:
+              load_timeout_s: float = 1800.0, progress: Callable[[dict], None] | None = None,
+              backend: str = "auto") -> SmokeResult:
     """Ask the capital of France. url: an existing server. model / demo: start our server on a free port."""
     if sum(bool(x) for x in (url, model, demo)) > 1:
         raise UserError("choose one of a URL, a model file or the demo model", exit_code=2)
@@ -166,7 +181,7 @@ def run_smoke(url: str | None = None, model: str | Path | None = None, demo: boo
         return ask(server_url(settings), api_key)
     port = free_port()
     args = [sys.executable, "-m", "spark_setup", "serve", "--foreground", "--host", "127.0.0.1", "--port", str(port),
-            "--ctx", str(ctx)]
+            "--ctx", str(ctx), "--backend", backend]
     args += ["--demo"] if demo else ["--model", str(Path(model).expanduser().absolute())]
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="spark-setup-smoke-") as tmp:

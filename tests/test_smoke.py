@@ -88,3 +88,9 @@ def test_smoke_url_with_nothing_listening_is_a_one_line_error():
 def test_exclusive_options():
     r = cli("smoke", "--demo", "--url", "http://127.0.0.1:1")
     assert r.returncode == 2
+
+
+def test_smoke_without_an_engine_says_so_in_one_line(tmp_path):
+    r = cli("smoke", "--demo", "--prefix", str(tmp_path / "p"), env={"DS4_ENGINE_LIB": str(tmp_path / "none.so")})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: the server could not load") and "none.so" in r.stderr

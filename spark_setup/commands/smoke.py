@@ -22,6 +22,8 @@ def register(app: typer.Typer) -> None:
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SPARK_SETUP_API_KEY",
                                               help="Bearer key of the server at --url."),
         ctx: int = typer.Option(4096, "--ctx", help="Context of the throwaway server."),
+        backend: str = typer.Option("auto", "--backend", help="Engine backend of the throwaway server: auto, cpu "
+                                    "or cuda."),
         prefix: Optional[Path] = PrefixOpt, models_dir: Optional[Path] = ModelsDirOpt,
         state_dir: Optional[Path] = StateDirOpt, as_json: bool = JsonOpt,
     ) -> None:
@@ -36,7 +38,7 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True, highlight=False)
         status = console.status("starting a server and loading the model" if (model or demo) else "asking")
         with status:
-            res = run_smoke(url=url, model=model, demo=demo, settings=settings, api_key=api_key, ctx=ctx,
+            res = run_smoke(url=url, model=model, demo=demo, settings=settings, api_key=api_key, ctx=ctx, backend=backend,
                             progress=lambda b: status.update(f"loading: {b.get('progress', '')}"))
         if as_json:
             typer.echo(res.to_json())
