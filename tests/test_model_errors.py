@@ -173,8 +173,12 @@ def write_real_layout(path: Path, mutate=None) -> Path:
 @pytest.mark.skipif(not (REPO / "tools" / "synthetic_q2_gguf.py").exists(), reason="needs tools/synthetic_q2_gguf.py")
 def test_real_q2_layout_opens_as_full_size(env, tmp_path):
     rt, lib, _ = env
-    with rt.Model(write_real_layout(tmp_path / "real.gguf"), lib=lib) as m:
-        d = m.desc
+    path = write_real_layout(tmp_path / "real.gguf")
+    try:
+        with rt.Model(path, lib=lib) as m:
+            d = m.desc
+    finally:
+        path.unlink()  # 80 GiB apparent size (sparse): do not leave it in pytest's kept tmp dirs
     assert d["is_full_size"] == 1
     assert (d["n_layer"], d["n_embd"], d["n_vocab"], d["n_head"], d["head_dim"], d["n_rot"]) == \
         (43, 4096, 129280, 64, 512, 64)
@@ -195,5 +199,9 @@ def test_real_layout_with_a_wrong_type_is_refused(env, tmp_path, target, new_typ
             if new_type == "Q4_K":
                 sq.BLOCK.setdefault(12, (256, 144))
         return (name, dims, typ, kind, kw)
-    e = open_error(env, write_real_layout(tmp_path / "bad.gguf", mutate))
+    path = write_real_layout(tmp_path / "bad.gguf", mutate)
+    try:
+        e = open_error(env, path)
+    finally:
+        path.unlink()
     assert e.code == DS4_E_MODEL and message in str(e)
