@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import UserError
@@ -62,9 +63,9 @@ for _name in _command_modules():
 
 
 def report_error(exc: UserError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc.message}", markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True)
     if exc.hint:
-        err_console.print(f"[bold]fix:[/] {exc.hint}", markup=True)
+        err_console.print(f"[bold]fix:[/] {escape(exc.hint)}", markup=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line unless SPARK_SETUP_DEBUG asks for the traceback
         if os.environ.get("SPARK_SETUP_DEBUG"):
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", markup=True)
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", markup=True)
         err_console.print("fix: re-run with SPARK_SETUP_DEBUG=1 for a traceback and report it", markup=False)
         return 1
 
@@ -105,7 +106,7 @@ def _main(argv: list[str] | None) -> int:
             typer.echo(ctx.get_help())
             return 0
         where = ctx.command_path if ctx is not None else "spark-setup"
-        err_console.print(f"[bold red]error:[/] {exc.format_message()} (see '{where} --help')", markup=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())} (see '{where} --help')", markup=True)
         return int(exc.exit_code)
 
 

@@ -130,14 +130,15 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
     sources: dict[str, str] = {}
     for key, default in _defaults().items():
         env_key = ENV_PREFIX + key.upper()
+        # Every source is validated, even one a higher source overrides: a broken config is always reported.
+        candidates = []
         if key in flags:
-            values[key], sources[key] = _parse_value(key, flags[key], f"--{key.replace('_', '-')}"), "flag"
-        elif env.get(env_key):
-            values[key], sources[key] = _parse_value(key, env[env_key], env_key), "env"
-        elif key in cfg:
-            values[key], sources[key] = _parse_value(key, cfg[key], str(cfg_path)), "config"
-        else:
-            values[key], sources[key] = default, "default"
+            candidates.append((_parse_value(key, flags[key], f"--{key.replace('_', '-')}"), "flag"))
+        if env.get(env_key):
+            candidates.append((_parse_value(key, env[env_key], env_key), "env"))
+        if key in cfg:
+            candidates.append((_parse_value(key, cfg[key], str(cfg_path)), "config"))
+        values[key], sources[key] = candidates[0] if candidates else (default, "default")
     if values["models_dir"] is None:
         values["models_dir"] = values["prefix"] / "models"
         sources["models_dir"] = f"derived from prefix ({sources['prefix']})"
