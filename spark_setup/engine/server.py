@@ -816,6 +816,8 @@ def serve(config: ServerConfig, host: str, port: int, log_file: Path | None = No
     sock = bind_socket(host, port)
     app = create_app(config, loader)
     log.info("listening on http://%s:%d (model %s)", host, port, config.model_path)
+    if host not in ("127.0.0.1", "::1", "localhost") and not config.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     ucfg = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=30,
                           access_log=True, timeout_keep_alive=5)
     server = uvicorn.Server(ucfg)
