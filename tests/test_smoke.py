@@ -94,3 +94,17 @@ def test_smoke_without_an_engine_says_so_in_one_line(tmp_path):
     r = cli("smoke", "--demo", "--prefix", str(tmp_path / "p"), env={"DS4_ENGINE_LIB": str(tmp_path / "none.so")})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: the server could not load") and "none.so" in r.stderr
+
+
+@pytest.mark.gpu
+def test_smoke_demo_on_the_cuda_backend(tmp_path):
+    """On a GPU machine: the demo model through the CUDA engine answers Paris like the CPU one."""
+    from spark_setup.engine.build import build_engine
+
+    prefix = REPO / ".cache" / "test-engine-gpu"
+    built = build_engine(load_settings({"prefix": prefix}, env={}, config_file=prefix / "none.toml"),
+                         arch="auto", progress=False)
+    r = cli("smoke", "--demo", "--backend", "cuda", "--prefix", str(tmp_path / "p"),
+            env={"DS4_ENGINE_LIB": str(built.lib_path)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "answer:   'Paris'" in r.stdout
