@@ -208,3 +208,34 @@ def test_user_scope_under_a_lingering_user_manager(box):
     assert cp.returncode == 0 and "/home/alice/.config/systemd/user/spark-setup.service" in cp.stdout, cp.stdout
     assert box.http_status(URL + "/health") is None
     assert box.run(["test", "-e", "/home/alice/.config/systemd/user/spark-setup.service"]).returncode != 0
+
+
+def test_install_demo_serves_through_the_unit_and_reruns_skip(box):
+    """`install --demo` where systemd is PID 1: doctor -> demo model -> CPU engine build (in the container) ->
+    smoke -> the system unit; a re-run skips every step; uninstall --purge leaves nothing in the prefix."""
+    if box.run(["sh", "-c", "command -v c++"]).returncode != 0:
+        pytest.skip("the cached container root has no C++ compiler (rebuild it: tools/nspawn_root.sh)")
+    prefix = box.scratch / "inst"
+    env = {k: v for k, v in box.env.items() if k != "DS4_ENGINE_LIB"}  # install builds and uses its own engine
+    cp = box.run([CLI, "install", "--demo", "--yes", "--prefix", str(prefix)], env=env, timeout=600)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 0, out[-4000:]
+    for step in ("doctor", "download", "build", "smoke", "serve"):
+        assert re.search(rf"done {step} \(", cp.stdout), (step, out[-4000:])
+    assert "serving via the system unit" in cp.stdout and f"ready: {URL}" in cp.stdout
+    props = box.show(UNIT, "ActiveState", "MainPID")
+    assert props["ActiveState"] == "active" and box.http_status(URL + "/health") == 200
+    env_file = box.run(["cat", "/etc/spark-setup/server.env"], check=True).stdout
+    assert f"DS4_ENGINE_LIB={prefix}/engine/" in env_file  # the unit runs the engine install just built
+
+    again = box.run([CLI, "install", "--demo", "--yes", "--prefix", str(prefix)], env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for step in ("doctor", "download", "build", "smoke", "serve"):
+        m = re.search(rf"skipped {step} \((\d+\.\d+) s\)", again.stdout)
+        assert m and float(m.group(1)) < 1.0, (step, again.stdout)
+    assert box.show(UNIT, "MainPID")["MainPID"] == props["MainPID"]  # the same server, untouched
+
+    un = box.run([CLI, "uninstall", "--purge", "--yes", "--prefix", str(prefix)], env=env, timeout=300)
+    assert un.returncode == 0, un.stdout + un.stderr
+    assert box.show(UNIT, "LoadState")["LoadState"] == "not-found"
+    assert box.run(["test", "-e", str(prefix)]).returncode != 0

@@ -9,9 +9,9 @@ main() {
     local root=${SPARK_SETUP_NSPAWN_ROOT:-/var/cache/spark-setup/nspawn-bookworm}
     local mirror=${SPARK_SETUP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
     # systemd + dbus boot it (libpam-systemd: user managers for --user units); python3 and these libraries let a
-    # bind-mounted venv (and its interpreter) run.
+    # bind-mounted venv (and its interpreter) run; g++ and make build the engine for `install` inside.
     local include=systemd,systemd-sysv,dbus,python3,libstdc++6,libgomp1,libssl3,libffi8,libsqlite3-0,libbz2-1.0
-    include=$include,liblzma5,zlib1g,libreadline8,libncursesw6,procps,curl,libpam-systemd
+    include=$include,liblzma5,zlib1g,libreadline8,libncursesw6,procps,curl,libpam-systemd,g++,make
     local stamp="$root/.spark-setup-root"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$include" ]; then
         echo "$root"
