@@ -6,14 +6,21 @@
 #include "common.h"
 #include "ds4.h"
 #include "model.h"
+#include "model_cuda.h"  // CUDA backend dispatch (cuda/forward.cu); empty without DS4_WITH_CUDA
 
 struct ds4_model {
     std::unique_ptr<ds4::Model> m;
     int backend = DS4_BACKEND_CPU;
+#ifdef DS4_WITH_CUDA
+    ds4::CudaModelPtr cuda;  // set when opened with DS4_BACKEND_CUDA: sessions run on the GPU
+#endif
 };
 
 struct ds4_session {
     std::unique_ptr<ds4::Session> s;
+#ifdef DS4_WITH_CUDA
+    ds4::CudaSessionPtr cuda;  // the CUDA session (then s is null)
+#endif
 };
 
 extern "C" {
@@ -21,14 +28,18 @@ extern "C" {
 int ds4_model_open(const char *path, int backend, ds4_model **out) {
     return ds4::guard([&] {
         DS4_CHECK_ARG(path && out, "ds4_model_open: null argument");
-        if (backend != DS4_BACKEND_CPU) {
-            if (backend == DS4_BACKEND_CUDA)
-                ds4::fail(DS4_E_BACKEND, "the CUDA forward pass is not available yet: use the cpu backend");
-            ds4::fail(DS4_E_ARG, "unknown backend %d", backend);
-        }
+        if (backend != DS4_BACKEND_CPU && backend != DS4_BACKEND_CUDA) ds4::fail(DS4_E_ARG, "unknown backend %d", backend);
+#ifndef DS4_WITH_CUDA
+        if (backend == DS4_BACKEND_CUDA)
+            ds4::fail(DS4_E_BACKEND, "this engine was built without CUDA: rebuild it for the GPU (spark-setup build) "
+                      "or use the cpu backend");
+#endif
         auto h = std::make_unique<ds4_model>();
         h->m = ds4::Model::load(path);
         h->backend = backend;
+#ifdef DS4_WITH_CUDA
+        if (backend == DS4_BACKEND_CUDA) h->cuda = ds4::cuda_model_load(*h->m);
+#endif
         *out = h.release();
         return DS4_OK;
     });
@@ -75,6 +86,13 @@ int ds4_session_new(ds4_model *m, int32_t max_ctx, uint32_t flags, ds4_session *
         DS4_CHECK_ARG(max_ctx >= 1, "max_ctx must be >= 1 (got %d)", max_ctx);
         DS4_CHECK_ARG((flags & ~(uint32_t)DS4_SESSION_NO_ROUNDTRIP) == 0, "unknown session flags 0x%x", flags);
         auto h = std::make_unique<ds4_session>();
+#ifdef DS4_WITH_CUDA
+        if (m->cuda) {
+            h->cuda = ds4::cuda_session_new(*m->cuda, max_ctx, (flags & DS4_SESSION_NO_ROUNDTRIP) == 0);
+            *out = h.release();
+            return DS4_OK;
+        }
+#endif
         h->s = std::make_unique<ds4::Session>(m->m.get(), max_ctx, (flags & DS4_SESSION_NO_ROUNDTRIP) == 0);
         *out = h.release();
         return DS4_OK;
@@ -83,14 +101,30 @@ int ds4_session_new(ds4_model *m, int32_t max_ctx, uint32_t flags, ds4_session *
 
 void ds4_session_free(ds4_session *s) { delete s; }
 
-uint64_t ds4_session_bytes(const ds4_session *s) { return s ? s->s->bytes : 0; }
+uint64_t ds4_session_bytes(const ds4_session *s) {
+#ifdef DS4_WITH_CUDA
+    if (s && s->cuda) return ds4::cuda_session_bytes(*s->cuda);
+#endif
+    return s ? s->s->bytes : 0;
+}
 
-int32_t ds4_session_pos(const ds4_session *s) { return s ? s->s->pos : 0; }
+int32_t ds4_session_pos(const ds4_session *s) {
+#ifdef DS4_WITH_CUDA
+    if (s && s->cuda) return ds4::cuda_session_pos(*s->cuda);
+#endif
+    return s ? s->s->pos : 0;
+}
 
 int ds4_session_eval(ds4_session *s, const int32_t *tokens, int32_t n, int32_t all_logits, float *logits_out) {
     return ds4::guard([&] {
         DS4_CHECK_ARG(s, "ds4_session_eval: null session");
         DS4_CHECK_ARG(n >= 0 && (tokens || n == 0), "ds4_session_eval: bad token array");
+#ifdef DS4_WITH_CUDA
+        if (s->cuda) {
+            ds4::cuda_session_eval(*s->cuda, tokens, n, all_logits != 0, logits_out);
+            return DS4_OK;
+        }
+#endif
         s->s->eval(tokens, n, all_logits != 0, logits_out);
         return DS4_OK;
     });
@@ -99,6 +133,12 @@ int ds4_session_eval(ds4_session *s, const int32_t *tokens, int32_t n, int32_t a
 int ds4_session_truncate(ds4_session *s, int32_t n) {
     return ds4::guard([&] {
         DS4_CHECK_ARG(s, "ds4_session_truncate: null session");
+#ifdef DS4_WITH_CUDA
+        if (s->cuda) {
+            ds4::cuda_session_truncate(*s->cuda, n);
+            return DS4_OK;
+        }
+#endif
         s->s->truncate(n);
         return DS4_OK;
     });

@@ -1,0 +1,1402 @@
+// cuda/forward.cu: the DS4 forward pass on the GPU, one token per step (ds4-model-facts.md section D; the step
+// numbers in the comments are the facts' numbers, as in model.cpp, which is the reference this file mirrors).
+//
+// Design:
+//  - weights: the whole GGUF data section is copied once into one cudaMalloc'd buffer through pinned staging
+//    buffers (several host threads fill them; the page cache of each chunk is dropped after its copy, which keeps
+//    unified-memory machines from holding the file twice). Tensors keep their GGUF formats and offsets; the
+//    matvec kernels of cuda/quant.cu read them in place.
+//  - state: the session's overwritten state (raw windows, compressor buffers) lives in one device arena, so a
+//    truncate checkpoint is one device-to-device copy; compressed and indexer rows are append-only arrays.
+//  - a step is a fixed sequence of launches; the token id and position are read by the kernels from a device
+//    step record, so the sequence is captured once into a CUDA graph per step shape (with/without the output
+//    head; indexer idle/active, which is a function of the position) and replayed for every later token.
+//    DS4_CUDA_GRAPHS=0 in the environment runs the launches directly (same kernels, same numbers).
+//  - arithmetic is f32 with the reference's order of operations where it is cheap (sums of squares in double
+//    like cpu::rms_norm, routed experts summed in ascending expert id), so CUDA logits follow the CPU engine.
+#include <cuda_runtime.h>
+#include <cub/block/block_scan.cuh>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "common.h"
+#include "model.h"
+#include "model_cuda.h"
+#include "quant.h"
+
+namespace ds4 {
+
+namespace {
+
+#define FW_CHECK(expr)                                                                                         \
+    do {                                                                                                       \
+        cudaError_t err_ = (expr);                                                                             \
+        if (err_ != cudaSuccess) fail(DS4_E_BACKEND, "CUDA error in %s: %s", #expr, cudaGetErrorString(err_)); \
+    } while (0)
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kMaxHc = 8;           // hyper-connection streams supported by the small HC kernels
+constexpr int kMaxLaneVals = 16;    // attention: head_dim / 32 values per lane (head_dim <= 512)
+constexpr int kAttnWarps = 8;
+
+double gib(uint64_t b) { return (double)b / (1024.0 * 1024.0 * 1024.0); }
+
+// The device step record: what varies between tokens.
+struct Step {
+    int tok;
+    int pos;
+};
+
+// ---- block reductions ----------------------------------------------------------------------------------------
+
+template <class T>
+__device__ __forceinline__ T warp_sum_t(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (any blockDim multiple of 32, <= 1024); every thread gets the result.
+template <class T>
+__device__ T block_sum(T v) {
+    __shared__ T red[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_t(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    T r = 0;
+    for (int i = 0; i < nw; i++) r += red[i];  // fixed order: same result in every thread
+    return r;
+}
+
+__device__ float block_max(float v) {
+    __shared__ float red[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = -INFINITY;
+    for (int i = 0; i < nw; i++) r = fmaxf(r, red[i]);
+    return r;
+}
+
+// In-block RMS norm of s[0..n) (shared or global), in place: s = s / sqrt(mean(s^2) + eps) (* w).
+__device__ void block_rms(float *s, int n, const float *w, float eps) {
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)s[i] * (double)s[i];
+    ss = block_sum(ss);
+    const float r = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = w ? (s[i] * r) * w[i] : s[i] * r;
+    __syncthreads();
+}
+
+// Rotate the trailing n_rot dims of s[0..dim) by pos * inv_freq[i] (inverse: -pos).
+__device__ void block_rope(float *s, int dim, int n_rot, const float *inv_freq, int64_t pos, bool inverse) {
+    float *r = s + dim - n_rot;
+    for (int i = threadIdx.x; i < n_rot / 2; i += blockDim.x) {
+        const float ang = (float)pos * inv_freq[i];
+        const float c = cosf(ang), sn = inverse ? -sinf(ang) : sinf(ang);
+        const float a = r[2 * i], b = r[2 * i + 1];
+        r[2 * i] = a * c - b * sn;
+        r[2 * i + 1] = b * c + a * sn;
+    }
+    __syncthreads();
+}
+
+// ---- the official round-trips (cpu/ops.cpp twins) ------------------------------------------------------------
+
+__device__ __forceinline__ float pow2_ceil_d(float v) {
+    int e;
+    const float f = frexpf(v, &e);
+    return f == 0.5f ? ldexpf(1.0f, e - 1) : ldexpf(1.0f, e);
+}
+
+__device__ __forceinline__ float e4m3_round_d(float x) {
+    if (isnan(x)) return x;
+    const float a = fminf(fabsf(x), 448.0f);
+    float q;
+    if (a < 0.015625f) {
+        q = rintf(a * 512.0f) / 512.0f;
+    } else {
+        int e;
+        frexpf(a, &e);
+        const float step = ldexpf(1.0f, e - 1 - 3);
+        q = fminf(rintf(a / step) * step, 448.0f);
+    }
+    return copysignf(q, x);
+}
+
+__device__ __forceinline__ float e2m1_round_d(float x) {
+    const float grid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    if (isnan(x)) return x;
+    const float a = fabsf(x);
+    int best = 7;
+#pragma unroll
+    for (int i = 0; i < 7; i++) {
+        const float mid = 0.5f * (grid[i] + grid[i + 1]);
+        if (best == 7) {
+            if (a < mid) best = i;
+            else if (a == mid) best = (i % 2 == 0) ? i : i + 1;
+        }
+    }
+    float g = grid[0];
+#pragma unroll
+    for (int i = 1; i < 8; i++)
+        if (best == i) g = grid[i];
+    return copysignf(g, x);
+}
+
+__device__ __forceinline__ float f16_round_d(float x) { return __half2float(__float2half_rn(x)); }
+
+// KV row: FP8 E4M3 per 64-value block over [0, n_nope) with a power-of-two scale, then F16 everywhere.
+__device__ void block_kv_roundtrip(float *s, int n, int n_nope) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int b0 = warp * 64; b0 < n_nope; b0 += nw * 64) {
+        const int b1 = min(n_nope, b0 + 64);
+        float amax = 0.0f;
+        for (int i = b0 + lane; i < b1; i += 32) amax = fmaxf(amax, fabsf(s[i]));
+        amax = warp_max(amax);
+        const float scale = pow2_ceil_d(fmaxf(amax, 1e-4f) / 448.0f);
+        for (int i = b0 + lane; i < b1; i += 32) s[i] = e4m3_round_d(s[i] / scale) * scale;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = f16_round_d(s[i]);
+    __syncthreads();
+}
+
+// Indexer: Walsh-Hadamard (natural order) / sqrt(n), FP4 E2M1 per 32 values (power-of-two scale), F16.
+__device__ void block_indexer_roundtrip(float *s, int n) {
+    for (int len = 1; len < n; len <<= 1) {
+        for (int k = threadIdx.x; k < n / 2; k += blockDim.x) {
+            const int j = (k / len) * 2 * len + (k % len);
+            const float a = s[j], b = s[j + len];
+            s[j] = a + b;
+            s[j + len] = a - b;
+        }
+        __syncthreads();
+    }
+    const float norm = 1.0f / sqrtf((float)n);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] *= norm;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int b0 = warp * 32; b0 < n; b0 += nw * 32) {
+        const float v = s[b0 + lane];
+        const float amax = warp_max(fabsf(v));
+        const float scale = pow2_ceil_d(fmaxf(amax, 7.052966e-38f) / 6.0f);
+        s[b0 + lane] = e2m1_round_d(v / scale) * scale;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = f16_round_d(s[i]);
+    __syncthreads();
+}
+
+__device__ __forceinline__ float sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float silu_d(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float softplus_d(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+// ---- kernels ---------------------------------------------------------------------------------------------------
+
+// 0. x = token_embd[tok] into every HC stream.
+__global__ void embed_kernel(const uint8_t *W, int type, int E, int hc, const Step *st, float *H) {
+    const int64_t tok = st->tok;
+    for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < E; d += gridDim.x * blockDim.x) {
+        float v;
+        if (type == DS4_TYPE_F32) {
+            v = reinterpret_cast<const float *>(W)[tok * E + d];
+        } else {
+            const unsigned short h = reinterpret_cast<const unsigned short *>(W)[tok * E + d];
+            v = type == DS4_TYPE_F16 ? __half2float(__ushort_as_half(h)) : __uint_as_float((uint32_t)h << 16);
+        }
+        for (int s = 0; s < hc; s++) H[(size_t)s * E + d] = v;
+    }
+}
+
+// 1/14/19 (first half). The HC mix m = fn . RMS(flatten(H)) = r * (fn . H) with r = 1/sqrt(mean(H^2) + eps),
+// split over column chunks: block b writes, for its kHcChunk columns, the partial dot of every fn row with H
+// (part[b * rows + i]) and the partial sum of squares of H (ss[b]). The consumer sums the chunks in order, so the
+// result does not depend on timing. fn is F16 or F32 (the DS4 files: F16).
+constexpr int kHcChunk = 256;
+constexpr int kHcThreads = 256;  // one column per thread
+template <int T>
+__global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const void *fn, const float *H, int n, int rows,
+                                                                     float *part, double *ss) {
+    __shared__ float red[kHcThreads / 32][32];
+    __shared__ double red_ss[kHcThreads / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.x * kHcChunk + threadIdx.x;
+    const float hv = c < n ? H[c] : 0.0f;
+    double sq = (double)hv * (double)hv;
+    sq = warp_sum_t(sq);
+    if (lane == 0) red_ss[warp] = sq;
+    for (int i0 = 0; i0 < rows; i0 += 32) {  // 32 rows at a time, all loads in flight before the sums
+        float acc[32];
+#pragma unroll
+        for (int u = 0; u < 32; u++) {
+            acc[u] = 0.0f;
+            if (c < n && i0 + u < rows) {
+                const size_t at = (size_t)(i0 + u) * n + c;
+                const float wv = T == DS4_TYPE_F16 ? __half2float(reinterpret_cast<const __half *>(fn)[at])
+                                                   : reinterpret_cast<const float *>(fn)[at];
+                acc[u] = wv * hv;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 32; u++) {
+            if (i0 + u < rows) {  // uniform over the block
+                const float v = warp_sum_t(acc[u]);
+                if (lane == 0) red[warp][u] = v;
+            }
+        }
+        __syncthreads();
+        for (int i = i0 + threadIdx.x; i < min(rows, i0 + 32); i += blockDim.x) {
+            float v = 0.0f;
+            for (int w = 0; w < kHcThreads / 32; w++) v += red[w][i - i0];
+            part[(size_t)blockIdx.x * rows + i] = v;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < kHcThreads / 32; w++) t += red_ss[w];
+        ss[blockIdx.x] = t;
+    }
+}
+
+// Finish the mix: m[i] = r * sum_b part[b][i], r from the summed squares (warp per row; fixed order, so the
+// result does not depend on timing). Called by every thread of the block.
+__device__ void hc_mix_finish(const float *part, const double *ss, int n_chunks, int rows, int n, float eps, float *m) {
+    __shared__ float r_s;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int i = warp; i < rows; i += nw) {
+        float v = 0.0f;
+        for (int b = lane; b < n_chunks; b += 32) v += part[(size_t)b * rows + i];
+        v = warp_sum_t(v);
+        if (lane == 0) m[i] = v;
+    }
+    if (warp == 0) {
+        double t = 0.0;
+        for (int b = lane; b < n_chunks; b += 32) t += ss[b];
+        t = warp_sum_t(t);
+        if (lane == 0) r_s = (float)(1.0 / sqrt(t / (double)n + (double)eps));
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) m[i] *= r_s;
+    __syncthreads();
+}
+
+// 1/14. HC pre: mix (see above) -> pre/post/comb with Sinkhorn into hcw = [pre | post | comb]; x_in = sum_s
+// pre_s H_s; out = RMS(x_in) * norm_w. One block; dynamic shared memory: E floats. The 4x4 Sinkhorn runs on warp
+// 0, one lane per element, with the reference's summation order.
+__global__ void hc_pre_kernel(const float *part, const double *ss, int n_chunks, const float *sc, const float *bs,
+                              const float *H, const float *norm_w, int E, int hc, int iters, float hc_eps,
+                              float rms_eps, float *hcw, float *out) {
+    extern __shared__ float xs[];
+    __shared__ float m[(2 + kMaxHc) * kMaxHc];
+    __shared__ float C[kMaxHc * kMaxHc];
+    __shared__ float pre[kMaxHc];
+    const int mixn = (2 + hc) * hc;
+    hc_mix_finish(part, ss, n_chunks, mixn, hc * E, rms_eps, m);
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x, nn = hc * hc;
+        if (lane < hc) {
+            pre[lane] = sigmoid_d(m[lane] * sc[0] + bs[lane]) + hc_eps;
+            hcw[lane] = pre[lane];
+            hcw[hc + lane] = 2.0f * sigmoid_d(m[hc + lane] * sc[1] + bs[hc + lane]);
+        }
+        for (int e = lane; e < nn; e += 32) C[e] = m[2 * hc + e] * sc[2] + bs[2 * hc + e];
+        __syncwarp();
+        // softmax over b for each row a, then + eps (the row's values are read in order by each of its lanes)
+        float v[2];
+        for (int k = 0; k < 2; k++) {
+            const int e = lane + 32 * k;
+            v[k] = 0.0f;
+            if (e < nn) {
+                const int a = e / hc;
+                float mx = -INFINITY;
+                for (int b = 0; b < hc; b++) mx = fmaxf(mx, C[a * hc + b]);
+                double sum = 0.0;
+                for (int b = 0; b < hc; b++) sum += (double)expf(C[a * hc + b] - mx);
+                const float inv = (float)(1.0 / sum);
+                v[k] = __fadd_rn(__fmul_rn(expf(C[e] - mx), inv), hc_eps);
+            }
+        }
+        __syncwarp();
+        for (int k = 0; k < 2; k++)
+            if (lane + 32 * k < nn) C[lane + 32 * k] = v[k];
+        __syncwarp();
+        for (int it = 0; it < iters; it++) {
+            for (int pass = (it == 0 ? 1 : 0); pass < 2; pass++) {  // it 0: columns only; then rows, columns
+                for (int k = 0; k < 2; k++) {
+                    const int e = lane + 32 * k;
+                    if (e < nn) {
+                        const int a = e / hc, b = e % hc;
+                        float sum = 0.0f;
+                        if (pass == 0)
+                            for (int j = 0; j < hc; j++) sum += C[a * hc + j];
+                        else
+                            for (int j = 0; j < hc; j++) sum += C[j * hc + b];
+                        v[k] = C[e] / (sum + hc_eps);
+                    }
+                }
+                __syncwarp();
+                for (int k = 0; k < 2; k++)
+                    if (lane + 32 * k < nn) C[lane + 32 * k] = v[k];
+                __syncwarp();
+            }
+        }
+        for (int e = lane; e < nn; e += 32) hcw[2 * hc + e] = C[e];
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < E; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < hc; s++) acc += pre[s] * H[(size_t)s * E + d];
+        xs[d] = acc;
+    }
+    __syncthreads();
+    block_rms(xs, E, norm_w, rms_eps);
+    for (int d = threadIdx.x; d < E; d += blockDim.x) out[d] = xs[d];
+}
+
+// 13/18. HC post: H'_k = post_k y + sum_j comb[j][k] H_j.
+__global__ void hc_post_kernel(const float *hcw, const float *y, float *H, int E, int hc) {
+    const float *post = hcw + hc, *comb = hcw + 2 * hc;
+    for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < E; d += gridDim.x * blockDim.x) {
+        float h[kMaxHc];
+        for (int j = 0; j < hc; j++) h[j] = H[(size_t)j * E + d];
+        const float yd = y[d];
+        for (int k = 0; k < hc; k++) {
+            float acc = 0.0f;
+            for (int j = 0; j < hc; j++) acc += comb[j * hc + k] * h[j];
+            H[(size_t)k * E + d] = post[k] * yd + acc;
+        }
+    }
+}
+
+// Per-row RMS with an optional weight and an optional RoPE at the step position (block per row, in place).
+__global__ void rows_rms_rope_kernel(float *x, int dim, const float *w, float eps, int n_rot, const float *inv_freq,
+                                     const Step *st) {
+    extern __shared__ float s[];
+    float *row = x + (size_t)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s[i] = row[i];
+    __syncthreads();
+    block_rms(s, dim, w, eps);
+    if (inv_freq) block_rope(s, dim, n_rot, inv_freq, st->pos, false);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) row[i] = s[i];
+}
+
+// 4-6. kv = RMS(kv) * kv_norm, RoPE at pos, round-trip, append to the raw window slot pos % window.
+__global__ void kv_kernel(const float *kv, int hd, const float *w, float eps, int n_rot, const float *inv_freq,
+                          const Step *st, int roundtrip, int window, float *ring) {
+    extern __shared__ float s[];
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) s[i] = kv[i];
+    __syncthreads();
+    block_rms(s, hd, w, eps);
+    block_rope(s, hd, n_rot, inv_freq, st->pos, false);
+    if (roundtrip) block_kv_roundtrip(s, hd, hd - n_rot);
+    float *dst = ring + (size_t)(st->pos % window) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = s[i];
+}
+
+// 7/8. One compressor step: store (c, z + ape[slot]) in the state; when the window closes pool it (softmax of the
+// scores per column), RMS * norm, RoPE (compress settings) at pos + 1 - r, round-trip (1: KV FP8, 2: indexer
+// Hadamard+FP4), and write compressed row pos / r. csa: rows [0,r) previous window, [r,2r) current; width 2*head.
+__global__ void compressor_kernel(const float *c, const float *z, const float *ape, int ratio, int csa, int head,
+                                  const Step *st, float *kv_state, float *sc_state, const float *norm_w, float eps,
+                                  int n_rot, const float *inv_freq, int roundtrip, float *rows_out) {
+    extern __shared__ float s[];
+    const int64_t p = st->pos;
+    const int width = (csa ? 2 : 1) * head;
+    const int slot = (int)(p % ratio);
+    const int row = csa ? ratio + slot : slot;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+        kv_state[(size_t)row * width + j] = c[j];
+        sc_state[(size_t)row * width + j] = z[j] + ape[(size_t)slot * width + j];
+    }
+    if ((p + 1) % ratio != 0) return;
+    __syncthreads();
+    const int n_slots = csa ? 2 * ratio : ratio;
+    for (int j = threadIdx.x; j < head; j += blockDim.x) {
+        float mx = -INFINITY;
+        for (int q = 0; q < n_slots; q++) {
+            const int col = (csa && q >= ratio) ? head + j : j;
+            mx = fmaxf(mx, sc_state[(size_t)q * width + col]);
+        }
+        float acc = 0.0f;
+        if (isfinite(mx)) {
+            double sum = 0.0;
+            for (int q = 0; q < n_slots; q++) {
+                const int col = (csa && q >= ratio) ? head + j : j;
+                sum += expf(sc_state[(size_t)q * width + col] - mx);
+            }
+            const float inv = (float)(1.0 / sum);
+            for (int q = 0; q < n_slots; q++) {
+                const int col = (csa && q >= ratio) ? head + j : j;
+                const float wt = expf(sc_state[(size_t)q * width + col] - mx) * inv;
+                if (wt != 0.0f) acc += wt * kv_state[(size_t)q * width + col];
+            }
+        }
+        s[j] = acc;
+    }
+    __syncthreads();
+    block_rms(s, head, norm_w, eps);
+    block_rope(s, head, n_rot, inv_freq, p + 1 - ratio, false);
+    if (roundtrip == 1) block_kv_roundtrip(s, head, head - n_rot);
+    if (roundtrip == 2) block_indexer_roundtrip(s, head);
+    float *dst = rows_out + (size_t)(p / ratio) * head;
+    for (int j = threadIdx.x; j < head; j += blockDim.x) dst[j] = s[j];
+    if (csa) {  // the current window becomes the previous one
+        for (int i = threadIdx.x; i < ratio * width; i += blockDim.x) {
+            kv_state[i] = kv_state[(size_t)ratio * width + i];
+            sc_state[i] = sc_state[(size_t)ratio * width + i];
+        }
+    }
+}
+
+// 9a. indexer queries: RoPE (compress settings) at pos, round-trip; block per head, in place.
+__global__ void idx_q_kernel(float *qi, int dim, int n_rot, const float *inv_freq, const Step *st, int roundtrip) {
+    extern __shared__ float s[];
+    float *row = qi + (size_t)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s[i] = row[i];
+    __syncthreads();
+    block_rope(s, dim, n_rot, inv_freq, st->pos, false);
+    if (roundtrip) block_indexer_roundtrip(s, dim);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) row[i] = s[i];
+}
+
+// 9b. score_c = sum_h (relu(qI_h . kI_c) * s_scale) * (w_h * w_scale) for c < (pos+1)/r; warp per row.
+__global__ void idx_score_kernel(const float *qi, const float *wi, const float *krows, int IH, int ID, int ratio,
+                                 float s_scale, float w_scale, const Step *st, float *scores) {
+    extern __shared__ float qs[];  // IH x (ID + 1)
+    for (int i = threadIdx.x; i < IH * ID; i += blockDim.x) qs[(i / ID) * (ID + 1) + i % ID] = qi[i];
+    __syncthreads();
+    const int n_comp = (st->pos + 1) / ratio;
+    const int lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    for (int c = blockIdx.x * warps + (threadIdx.x >> 5); c < n_comp; c += gridDim.x * warps) {
+        const float *k = krows + (size_t)c * ID;
+        float acc = 0.0f;
+        for (int h = lane; h < IH; h += 32) {
+            const float *q = qs + h * (ID + 1);
+            float dot = 0.0f;
+            for (int d = 0; d < ID; d++) dot += q[d] * __ldg(k + d);
+            acc += (fmaxf(dot, 0.0f) * s_scale) * (wi[h] * w_scale);
+        }
+        acc = warp_sum_t(acc);
+        if (lane == 0) scores[c] = acc;
+    }
+}
+
+__device__ __forceinline__ uint32_t order_key(float f) {
+    const uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// 9c. top-k of scores[0 .. (pos+1)/r) (ties: lower index first), output in ascending index order; one block of
+// kTopkThreads. n <= k: every row. Radix select of the k-th largest key (8 bits a pass, warp-aggregated histogram
+// atomics), then each thread takes a contiguous segment: counts, two block scans, an ordered write.
+constexpr int kTopkThreads = 1024;
+__global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float *scores, int ratio, int k, const Step *st,
+                                                            int *sel, int *n_sel) {
+    using Scan = cub::BlockScan<int, kTopkThreads>;
+    __shared__ typename Scan::TempStorage scan_tmp;
+    __shared__ int hist[256];
+    __shared__ uint32_t prefix_s;
+    __shared__ int remaining_s;
+    const int n = (st->pos + 1) / ratio;
+    const int lane = threadIdx.x & 31;
+    if (n <= k) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) sel[i] = i;
+        if (threadIdx.x == 0) *n_sel = n;
+        return;
+    }
+    uint32_t prefix = 0, mask = 0;
+    int remaining = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i0 = 0; i0 < n; i0 += blockDim.x) {  // uniform bound: every lane takes part in the match
+            const int i = i0 + threadIdx.x;
+            int bin = -1;
+            if (i < n) {
+                const uint32_t key = order_key(scores[i]);
+                if ((key & mask) == prefix) bin = (int)((key >> shift) & 255u);
+            }
+            const unsigned peers = __match_any_sync(0xffffffffu, bin);
+            if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int cum = 0, d = 255;
+            for (; d > 0; d--) {
+                if (cum + hist[d] >= remaining) break;
+                cum += hist[d];
+            }
+            remaining_s = remaining - cum;
+            prefix_s = prefix | ((uint32_t)d << shift);
+        }
+        __syncthreads();
+        prefix = prefix_s;
+        remaining = remaining_s;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    // threshold key T: take every key > T and the first `remaining` keys == T, in index order
+    const uint32_t T = prefix;
+    const int per = (n + blockDim.x - 1) / blockDim.x;
+    const int b = min(n, (int)threadIdx.x * per), e = min(n, b + per);
+    int n_gt = 0, n_eq = 0;
+    for (int i = b; i < e; i++) {
+        const uint32_t key = order_key(scores[i]);
+        n_gt += key > T;
+        n_eq += key == T;
+    }
+    int eq_before, eq_total;
+    Scan(scan_tmp).ExclusiveSum(n_eq, eq_before, eq_total);
+    __syncthreads();
+    const int take_eq = max(0, min(n_eq, remaining - eq_before));
+    int out_before, out_total;
+    Scan(scan_tmp).ExclusiveSum(n_gt + take_eq, out_before, out_total);
+    int o = out_before, eqs = 0;
+    for (int i = b; i < e; i++) {
+        const uint32_t key = order_key(scores[i]);
+        if (key > T || (key == T && eqs++ < take_eq)) sel[o++] = i;
+    }
+    if (threadIdx.x == 0) *n_sel = out_total;
+}
+
+// 10-11. Attention of head blockIdx.x over the raw window rows and the visible compressed rows (all of
+// [0, (pos+1)/r), or sel[0..*n_sel) when use_sel), softmax with the sink, inverse RoPE on the output.
+// Warps take rows round-robin; lane l holds dims l, l+32, ... of the query and of its partial output.
+__global__ void __launch_bounds__(32 * kAttnWarps)
+    attention_kernel(const float *q, const float *ring, const float *comp, const int *sel, const int *n_sel,
+                     int use_sel, int ratio, int window, int hd, int n_rot, const float *sinks, const float *inv_freq,
+                     float scale, const Step *st, float *o) {
+    extern __shared__ float sm[];  // probs[max_rows] | out partials [kAttnWarps][hd]
+    const int h = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t p = st->pos;
+    const int64_t w0 = p - window + 1 > 0 ? p - window + 1 : 0;
+    const int n_raw = (int)(p - w0 + 1);
+    const int n_comp = ratio ? (int)((p + 1) / ratio) : 0;
+    const int n_vis = use_sel ? *n_sel : n_comp;
+    const int n_all = n_raw + n_vis;
+    float *probs = sm;
+    float *part = sm + ((n_all + 3) & ~3);
+    float *out = part + kAttnWarps * hd;
+    const int nj = hd / 32;
+    float qv[kMaxLaneVals];
+    const float *qh = q + (size_t)h * hd;
+#pragma unroll
+    for (int j = 0; j < kMaxLaneVals; j++) qv[j] = j < nj ? qh[lane + 32 * j] : 0.0f;
+    auto row_ptr = [&](int i) -> const float * {
+        if (i < n_raw) return ring + (size_t)((w0 + i) % window) * hd;
+        const int c = use_sel ? sel[i - n_raw] : i - n_raw;
+        return comp + (size_t)c * hd;
+    };
+    for (int i = warp; i < n_all; i += kAttnWarps) {
+        const float *r = row_ptr(i);
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kMaxLaneVals; j++)
+            if (j < nj) dot += qv[j] * r[lane + 32 * j];
+        dot = warp_sum_t(dot);
+        if (lane == 0) probs[i] = dot * scale;
+    }
+    __syncthreads();
+    const float sink = sinks[h];
+    float mx = sink;
+    for (int i = threadIdx.x; i < n_all; i += blockDim.x) mx = fmaxf(mx, probs[i]);
+    mx = block_max(mx);
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n_all; i += blockDim.x) {
+        const float e = expf(probs[i] - mx);
+        probs[i] = e;
+        sum += e;
+    }
+    sum = block_sum(sum) + (double)expf(sink - mx);
+    const float inv = (float)(1.0 / sum);
+    float acc[kMaxLaneVals];
+#pragma unroll
+    for (int j = 0; j < kMaxLaneVals; j++) acc[j] = 0.0f;
+    for (int i = warp; i < n_all; i += kAttnWarps) {
+        const float *r = row_ptr(i);
+        const float pr = probs[i] * inv;
+#pragma unroll
+        for (int j = 0; j < kMaxLaneVals; j++)
+            if (j < nj) acc[j] += pr * r[lane + 32 * j];
+    }
+#pragma unroll
+    for (int j = 0; j < kMaxLaneVals; j++)
+        if (j < nj) part[warp * hd + lane + 32 * j] = acc[j];
+    __syncthreads();
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.0f;
+        for (int w = 0; w < kAttnWarps; w++) v += part[w * hd + d];
+        out[d] = v;
+    }
+    __syncthreads();
+    block_rope(out, hd, n_rot, inv_freq, p, true);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) o[(size_t)h * hd + d] = out[d];
+}
+
+// 15. router: s = sqrt(softplus(g)); hash layers take tid2eid[tok], others the top-k of s + bias (ties: lower
+// index); weights s_sel / max(sum, floor) * scale (or sum + 1e-20 without round-trips). Output sorted by expert id
+// (the reference sums the experts in ascending id order). One block of >= n_expert threads... any size.
+__global__ void router_kernel(const float *g, int NE, int K, const float *bias, const int32_t *tid2eid,
+                              const Step *st, float scale, int floor_sum, int *eids, float *ewt) {
+    extern __shared__ float sr[];  // s[NE] | biased[NE]
+    float *s = sr, *bsd = sr + NE;
+    for (int e = threadIdx.x; e < NE; e += blockDim.x) {
+        s[e] = sqrtf(softplus_d(g[e]));
+        bsd[e] = s[e] + (bias ? bias[e] : 0.0f);
+    }
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    int sel[16];
+    if (tid2eid) {
+        for (int k = 0; k < K; k++) sel[k] = tid2eid[(size_t)st->tok * K + k];
+    } else {
+        for (int k = 0; k < K; k++) {
+            float bv = -INFINITY;
+            int bi = 0x7fffffff;
+            for (int e = lane; e < NE; e += 32) {
+                bool taken = false;
+                for (int t = 0; t < k; t++) taken |= sel[t] == e;
+                if (!taken && (bsd[e] > bv || (bsd[e] == bv && e < bi))) {
+                    bv = bsd[e];
+                    bi = e;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (ov > bv || (ov == bv && oi < bi)) {
+                    bv = ov;
+                    bi = oi;
+                }
+            }
+            sel[k] = bi;
+        }
+    }
+    if (lane != 0) return;
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) sum += s[sel[k]];
+    const float denom = floor_sum ? fmaxf(sum, 6.103515625e-5f) : sum + 1e-20f;
+    float w[16];
+    for (int k = 0; k < K; k++) w[k] = s[sel[k]] / denom * scale;
+    for (int a = 1; a < K; a++) {  // stable insertion sort by expert id
+        const int id = sel[a];
+        const float wa = w[a];
+        int b = a - 1;
+        while (b >= 0 && sel[b] > id) {
+            sel[b + 1] = sel[b];
+            w[b + 1] = w[b];
+            b--;
+        }
+        sel[b + 1] = id;
+        w[b + 1] = wa;
+    }
+    for (int k = 0; k < K; k++) {
+        eids[k] = sel[k];
+        ewt[k] = w[k];
+    }
+}
+
+// 16/17. SwiGLU with the clamp: out = silu(min(g, lim)) * clamp(u, -lim, lim).
+__global__ void swiglu_kernel(const float *gt, const float *up, int n, float lim, float *out) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float gv = fminf(gt[i], lim);
+        const float uv = fminf(fmaxf(up[i], -lim), lim);
+        out[i] = silu_d(gv) * uv;
+    }
+}
+
+// y = sum_k dn[k] * w[k] (k in ascending expert id) + shared.
+__global__ void moe_sum_kernel(const float *dn, const float *ewt, int K, int E, const float *shared, float *y) {
+    for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < E; d += gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < K; k++) acc += dn[(size_t)k * E + d] * ewt[k];
+        y[d] = acc + shared[d];
+    }
+}
+
+// 19. head collapse: w_s = sigmoid(m_s * scale + base_s) + eps; z = sum_s w_s H_s; z = RMS(z) * norm. One block.
+__global__ void head_kernel(const float *part, const double *ss, int n_chunks, const float *scale,
+                            const float *base, const float *H, const float *norm_w, int E, int hc, float hc_eps,
+                            float rms_eps, float *z) {
+    extern __shared__ float zs[];
+    __shared__ float m[kMaxHc];
+    hc_mix_finish(part, ss, n_chunks, hc, hc * E, rms_eps, m);
+    for (int d = threadIdx.x; d < E; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < hc; s++) acc += (sigmoid_d(m[s] * scale[0] + base[s]) + hc_eps) * H[(size_t)s * E + d];
+        zs[d] = acc;
+    }
+    __syncthreads();
+    block_rms(zs, E, norm_w, rms_eps);
+    for (int d = threadIdx.x; d < E; d += blockDim.x) z[d] = zs[d];
+}
+
+int env_int(const char *name, int dflt) {
+    const char *v = std::getenv(name);
+    return (v && *v) ? std::atoi(v) : dflt;
+}
+
+}  // namespace
+
+// =============================================================================================================
+// Model
+
+class CudaModel {
+public:
+    const Model *host = nullptr;
+    uint8_t *d_data = nullptr;  // the GGUF data section
+    uint64_t data_bytes = 0;
+    const uint8_t *h_data = nullptr;
+    float *d_rope_main = nullptr, *d_rope_comp = nullptr;
+    std::vector<float *> d_cmp_ape, d_idx_ape;  // per layer, dequantized to f32
+    int32_t *d_group_ids = nullptr;
+    double load_s = 0.0;
+
+    ~CudaModel() {
+        cudaFree(d_data);
+        cudaFree(d_rope_main);
+        cudaFree(d_rope_comp);
+        for (float *p : d_cmp_ape) cudaFree(p);
+        for (float *p : d_idx_ape) cudaFree(p);
+        cudaFree(d_group_ids);
+    }
+    const uint8_t *dev(const Tensor &t) const {
+        if (!t.present()) return nullptr;
+        return d_data + (t.data - h_data);
+    }
+    const float *devf(const Tensor &t) const { return reinterpret_cast<const float *>(dev(t)); }
+};
+
+void CudaModelDeleter::operator()(CudaModel *m) const { delete m; }
+
+namespace {
+
+template <class T>
+T *upload(const T *src, size_t n) {
+    T *d = nullptr;
+    FW_CHECK(cudaMalloc(&d, std::max<size_t>(n, 1) * sizeof(T)));
+    if (n) FW_CHECK(cudaMemcpy(d, src, n * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+
+// Copy [src, src + n) host -> device through two pinned staging buffers filled by `threads` host threads;
+// drop each chunk's page cache after its copy (fd >= 0).
+void staged_upload(uint8_t *dst, const uint8_t *src, uint64_t n, int fd, uint64_t file_off) {
+    const size_t chunk = 256ull << 20;
+    uint8_t *stage[2] = {nullptr, nullptr};
+    cudaStream_t stream = nullptr;
+    cudaEvent_t done[2] = {nullptr, nullptr};
+    auto cleanup = [&] {
+        for (int i = 0; i < 2; i++) {
+            if (done[i]) cudaEventDestroy(done[i]);
+            if (stage[i]) cudaFreeHost(stage[i]);
+        }
+        if (stream) cudaStreamDestroy(stream);
+    };
+    try {
+        for (int i = 0; i < 2; i++) {
+            FW_CHECK(cudaMallocHost(reinterpret_cast<void **>(&stage[i]), chunk));
+            FW_CHECK(cudaEventCreateWithFlags(&done[i], cudaEventDisableTiming));
+        }
+        FW_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        const int n_thr = std::max(1, std::min(8, (int)std::thread::hardware_concurrency()));
+        const long page = sysconf(_SC_PAGESIZE);
+        int k = 0;
+        for (uint64_t off = 0; off < n; off += chunk, k ^= 1) {
+            const size_t len = (size_t)std::min<uint64_t>(chunk, n - off);
+            FW_CHECK(cudaEventSynchronize(done[k]));  // the buffer's previous copy has finished
+            std::vector<std::thread> thr;
+            const size_t part = (len + n_thr - 1) / n_thr;
+            for (int t = 0; t < n_thr; t++) {
+                const size_t a = (size_t)t * part, b = std::min(len, a + part);
+                if (a < b) thr.emplace_back([&, a, b] { std::memcpy(stage[k] + a, src + off + a, b - a); });
+            }
+            for (auto &t : thr) t.join();
+            FW_CHECK(cudaMemcpyAsync(dst + off, stage[k], len, cudaMemcpyHostToDevice, stream));
+            FW_CHECK(cudaEventRecord(done[k], stream));
+            // the bytes are in the staging buffer: let the kernel drop the file's pages (unified memory would
+            // otherwise hold the model twice)
+            const uintptr_t lo = ((uintptr_t)(src + off)) & ~(uintptr_t)(page - 1);
+            madvise(reinterpret_cast<void *>(lo), (uintptr_t)(src + off + len) - lo, MADV_DONTNEED);
+            if (fd >= 0) posix_fadvise(fd, (off_t)(file_off + off), (off_t)len, POSIX_FADV_DONTNEED);
+        }
+        FW_CHECK(cudaStreamSynchronize(stream));
+    } catch (...) {
+        cleanup();
+        throw;
+    }
+    cleanup();
+}
+
+}  // namespace
+
+CudaModelPtr cuda_model_load(const Model &m) {
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        cudaGetLastError();
+        fail(DS4_E_BACKEND, "CUDA backend: no CUDA device available (use the cpu backend)");
+    }
+    const Hparams &hp = m.hp;
+    // what the kernels support (the real model and the tiny test models are well inside)
+    if (hp.hc_mult > kMaxHc) fail(DS4_E_MODEL, "CUDA backend: %d hyper-connection streams (max %d)", hp.hc_mult, kMaxHc);
+    if (hp.head_dim % 32 || hp.head_dim > 32 * kMaxLaneVals)
+        fail(DS4_E_MODEL, "CUDA backend: head_dim %d must be a multiple of 32 and <= %d", hp.head_dim, 32 * kMaxLaneVals);
+    if (hp.n_expert_used > 16) fail(DS4_E_MODEL, "CUDA backend: %d experts per token (max 16)", hp.n_expert_used);
+    auto plain = [](const Tensor &t) { return t.type == DS4_TYPE_F16 || t.type == DS4_TYPE_F32; };
+    bool hc_ok = plain(m.out_hc_fn);
+    for (const LayerWeights &w : m.layers) hc_ok = hc_ok && plain(w.hc_attn_fn) && plain(w.hc_ffn_fn);
+    if (!hc_ok) fail(DS4_E_MODEL, "CUDA backend: hyper-connection fn tensors must be F16 or F32");
+    const int et = m.tok_embd.type;
+    if (et != DS4_TYPE_F16 && et != DS4_TYPE_F32 && et != DS4_TYPE_BF16)
+        fail(DS4_E_MODEL, "CUDA backend: token_embd type %s is not supported (F16/F32/BF16)", type_name(et));
+
+    auto cm = CudaModelPtr(new CudaModel);
+    cm->host = &m;
+    const GGUF &g = *m.gguf;
+    cm->h_data = g.base() + g.data_offset();
+    cm->data_bytes = g.file_size() - g.data_offset();
+
+    size_t free_b = 0, total_b = 0;
+    FW_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    const uint64_t margin = std::min<uint64_t>(1ull << 30, cm->data_bytes / 4 + (64ull << 20));
+    const uint64_t need = cm->data_bytes + margin;
+    if (free_b < need)
+        fail(DS4_E_NOMEM, "CUDA backend: the model needs %.2f GiB of GPU memory (weights %.2f GiB + %.2f GiB "
+             "working room), the GPU has %.2f GiB free of %.2f GiB",
+             gib(need), gib(cm->data_bytes), gib(margin), gib(free_b), gib(total_b));
+    const auto t0 = std::chrono::steady_clock::now();
+    FW_CHECK(cudaMalloc(&cm->d_data, cm->data_bytes));
+    const int fd = env_int("DS4_KEEP_PAGECACHE", 0) ? -1 : ::open(g.path().c_str(), O_RDONLY);
+    try {
+        staged_upload(cm->d_data, cm->h_data, cm->data_bytes, fd, g.data_offset());
+    } catch (...) {
+        if (fd >= 0) ::close(fd);
+        throw;
+    }
+    if (fd >= 0) ::close(fd);
+    cm->load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+    cm->d_rope_main = upload(m.rope_main.inv_freq.data(), m.rope_main.inv_freq.size());
+    cm->d_rope_comp = upload(m.rope_compress.inv_freq.data(), m.rope_compress.inv_freq.size());
+    cm->d_cmp_ape.assign(hp.n_layer, nullptr);
+    cm->d_idx_ape.assign(hp.n_layer, nullptr);
+    for (int L = 0; L < hp.n_layer; L++) {
+        const LayerWeights &w = m.layers[L];
+        auto deq = [&](const Tensor &t) {
+            // madvise above dropped our mapping's pages; reading them again faults them back in (small tensors)
+            std::vector<float> v((size_t)(t.ne[0] * t.ne[1]));
+            cpu_dequant_rows(t.type, t.data, t.ne[0], 0, t.ne[1], v.data());
+            return upload(v.data(), v.size());
+        };
+        if (w.ratio) cm->d_cmp_ape[L] = deq(w.cmp_ape);
+        if (w.csa) cm->d_idx_ape[L] = deq(w.idx_ape);
+    }
+    std::vector<int32_t> gid(hp.o_groups);
+    for (int i = 0; i < hp.o_groups; i++) gid[i] = i;
+    cm->d_group_ids = upload(gid.data(), gid.size());
+    return cm;
+}
+
+double cuda_model_load_seconds(const CudaModel &m) { return m.load_s; }
+uint64_t cuda_model_device_bytes(const CudaModel &m) { return m.data_bytes; }
+
+// =============================================================================================================
+// Session
+
+class CudaSession {
+public:
+    CudaModel *cm = nullptr;
+    const Model *M = nullptr;
+    int max_ctx = 0;
+    bool roundtrip = true;
+    int pos = 0;
+    std::vector<int32_t> tokens;
+    cudaStream_t stream = nullptr;
+    bool use_graphs = true;
+    cudaGraphExec_t graphs[4] = {nullptr, nullptr, nullptr, nullptr};
+    bool seen[4] = {false, false, false, false};
+
+    // device memory
+    std::vector<void *> allocs;
+    float *state = nullptr, *state_init = nullptr;  // overwritten state (rings + compressor buffers)
+    size_t state_floats = 0;
+    std::vector<float *> ckpts;
+    int ckpt_every = 0;
+    uint64_t bytes = 0;
+
+    struct LayerDev {
+        float *ring = nullptr, *comp = nullptr, *idx = nullptr;
+        float *ckv = nullptr, *csc = nullptr, *ikv = nullptr, *isc = nullptr;
+    };
+    std::vector<LayerDev> L;
+
+    Step *d_step = nullptr;
+    float *hc_part = nullptr;
+    double *hc_ss = nullptr;
+    int hc_chunks = 0;
+    float *H = nullptr, *hcw = nullptr, *a = nullptr, *qr = nullptr, *q = nullptr;
+    float *kv = nullptr, *o = nullptr, *low = nullptr, *y = nullptr, *cc = nullptr, *cz = nullptr, *ic = nullptr;
+    float *iz = nullptr, *qi = nullptr, *wi = nullptr, *scores = nullptr, *glog = nullptr, *ewt = nullptr;
+    float *gt = nullptr, *up = nullptr, *mb = nullptr, *dn = nullptr, *shg = nullptr, *shu = nullptr, *shm = nullptr;
+    float *ysh = nullptr, *z = nullptr, *logits = nullptr;
+    int *sel = nullptr, *n_sel = nullptr, *eids = nullptr;
+    size_t attn_smem_max = 0, idx_smem = 0;
+
+    ~CudaSession() {
+        for (auto &g : graphs)
+            if (g) cudaGraphExecDestroy(g);
+        if (stream) cudaStreamDestroy(stream);
+        for (void *p : allocs) cudaFree(p);
+    }
+
+    template <class T>
+    T *alloc(size_t n) {
+        void *p = nullptr;
+        FW_CHECK(cudaMalloc(&p, std::max<size_t>(n, 4) * sizeof(T)));
+        allocs.push_back(p);
+        bytes += std::max<size_t>(n, 4) * sizeof(T);
+        return static_cast<T *>(p);
+    }
+
+    void init();
+    void enqueue_step(bool head, bool idx_active);
+    void run_token(int32_t tok, bool head, float *logits_out);
+    void reset_state();
+};
+
+void CudaSessionDeleter::operator()(CudaSession *s) const { delete s; }
+
+void CudaSession::init() {
+    const Hparams &hp = M->hp;
+    const int E = hp.n_embd, hc = hp.hc_mult, D = hp.n_head, hd = hp.head_dim;
+    FW_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    use_graphs = env_int("DS4_CUDA_GRAPHS", 1) != 0;
+
+    // ---- overwritten state: one arena, with its initial image (rings 0, compressor values 0, scores -inf) ----
+    std::vector<float> init_img;
+    struct Off {
+        size_t ring, ckv, csc, ikv, isc;
+    };
+    std::vector<Off> offs(hp.n_layer);
+    auto take = [&](size_t n, float v) {
+        const size_t at = init_img.size();
+        init_img.resize(at + ((n + 63) & ~(size_t)63), v);  // 256-byte aligned pieces
+        return at;
+    };
+    for (int l = 0; l < hp.n_layer; l++) {
+        const LayerWeights &w = M->layers[l];
+        Off &of = offs[l];
+        of = {0, SIZE_MAX, SIZE_MAX, SIZE_MAX, SIZE_MAX};
+        of.ring = take((size_t)hp.window * hd, 0.0f);
+        if (w.ratio) {
+            const int slots = w.csa ? 2 * w.ratio : w.ratio;
+            const int width = (w.csa ? 2 : 1) * hd;
+            of.ckv = take((size_t)slots * width, 0.0f);
+            of.csc = take((size_t)slots * width, kNegInf);
+            if (w.csa) {
+                of.ikv = take((size_t)slots * 2 * hp.idx_dim, 0.0f);
+                of.isc = take((size_t)slots * 2 * hp.idx_dim, kNegInf);
+            }
+        }
+    }
+    state_floats = init_img.size();
+    // checkpoints (as the CPU session: at most 16, at least every 32 positions)
+    ckpt_every = std::max(32, (max_ctx + 15) / 16);
+    const int n_ckpt = (max_ctx - 1) / ckpt_every;
+
+    // ---- rows and scratch sizes, then the free-memory check before allocating ----
+    uint64_t rows_floats = 0;
+    for (int l = 0; l < hp.n_layer; l++) {
+        const LayerWeights &w = M->layers[l];
+        if (!w.ratio) continue;
+        const size_t n_rows = (size_t)(max_ctx / w.ratio) + 1;
+        rows_floats += n_rows * hd + (w.csa ? n_rows * hp.idx_dim : 0);
+    }
+    const uint64_t need = (rows_floats + state_floats * (2 + (uint64_t)n_ckpt)) * 4 + (64ull << 20);
+    size_t free_b = 0, total_b = 0;
+    FW_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (free_b < need)
+        fail(DS4_E_NOMEM, "CUDA session of %d positions needs %.2f GiB of GPU memory, %.2f GiB free", max_ctx,
+             gib(need), gib(free_b));
+
+    state = alloc<float>(state_floats);
+    state_init = alloc<float>(state_floats);
+    FW_CHECK(cudaMemcpy(state_init, init_img.data(), state_floats * 4, cudaMemcpyHostToDevice));
+    FW_CHECK(cudaMemcpy(state, init_img.data(), state_floats * 4, cudaMemcpyHostToDevice));
+    for (int k = 0; k < n_ckpt; k++) ckpts.push_back(alloc<float>(state_floats));
+    L.resize(hp.n_layer);
+    for (int l = 0; l < hp.n_layer; l++) {
+        const LayerWeights &w = M->layers[l];
+        LayerDev &d = L[l];
+        const Off &of = offs[l];
+        d.ring = state + of.ring;
+        if (w.ratio) {
+            d.ckv = state + of.ckv;
+            d.csc = state + of.csc;
+            const size_t n_rows = (size_t)(max_ctx / w.ratio) + 1;
+            d.comp = alloc<float>(n_rows * hd);
+            FW_CHECK(cudaMemset(d.comp, 0, n_rows * hd * 4));
+            if (w.csa) {
+                d.ikv = state + of.ikv;
+                d.isc = state + of.isc;
+                d.idx = alloc<float>(n_rows * hp.idx_dim);
+                FW_CHECK(cudaMemset(d.idx, 0, n_rows * hp.idx_dim * 4));
+            }
+        }
+    }
+
+    // ---- scratch ----
+    const int QR = hp.q_lora_rank, G = hp.o_groups, OR = hp.o_lora_rank, IH = hp.idx_heads, ID = hp.idx_dim;
+    const int NE = hp.n_expert, K = hp.n_expert_used, F = hp.n_ff;
+    int max_comp = 0;  // most compressed rows any layer can see
+    for (int l = 0; l < hp.n_layer; l++) {
+        const LayerWeights &w = M->layers[l];
+        if (w.ratio) max_comp = std::max(max_comp, w.csa ? std::min(max_ctx / w.ratio, hp.idx_topk) : max_ctx / w.ratio);
+    }
+    d_step = alloc<Step>(1);
+    hc_chunks = (hc * E + kHcChunk - 1) / kHcChunk;
+    hc_part = alloc<float>((size_t)hc_chunks * hp.hc_mix());
+    hc_ss = alloc<double>(hc_chunks);
+    H = alloc<float>((size_t)hc * E);
+    hcw = alloc<float>(64 + hc * hc);
+    a = alloc<float>(E);
+    qr = alloc<float>(QR);
+    q = alloc<float>((size_t)D * hd);
+    kv = alloc<float>(hd);
+    o = alloc<float>((size_t)D * hd);
+    low = alloc<float>((size_t)G * OR);
+    y = alloc<float>(E);
+    cc = alloc<float>(2 * hd);
+    cz = alloc<float>(2 * hd);
+    ic = alloc<float>(2 * ID);
+    iz = alloc<float>(2 * ID);
+    qi = alloc<float>((size_t)IH * ID);
+    wi = alloc<float>(IH);
+    scores = alloc<float>((size_t)max_ctx / std::max(1, hp.csa_ratio) + 1);
+    sel = alloc<int>(hp.idx_topk);
+    n_sel = alloc<int>(1);
+    glog = alloc<float>(NE);
+    eids = alloc<int>(K);
+    ewt = alloc<float>(K);
+    gt = alloc<float>((size_t)K * F);
+    up = alloc<float>((size_t)K * F);
+    mb = alloc<float>((size_t)K * F);
+    dn = alloc<float>((size_t)K * E);
+    shg = alloc<float>(F);
+    shu = alloc<float>(F);
+    shm = alloc<float>(F);
+    ysh = alloc<float>(E);
+    z = alloc<float>(E);
+    logits = alloc<float>(hp.n_vocab);
+
+    const int max_rows = hp.window + max_comp;
+    attn_smem_max = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
+    idx_smem = (size_t)IH * (ID + 1) * 4;
+    if (attn_smem_max > 48 * 1024)
+        FW_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)attn_smem_max));
+    if (idx_smem > 48 * 1024)
+        FW_CHECK(cudaFuncSetAttribute(idx_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)idx_smem));
+    const size_t e_smem = (size_t)E * 4;
+    if (e_smem > 48 * 1024) {
+        FW_CHECK(cudaFuncSetAttribute(hc_pre_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)e_smem));
+        FW_CHECK(cudaFuncSetAttribute(head_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)e_smem));
+    }
+    bytes += (uint64_t)max_ctx * 4;  // the token list on the host
+    FW_CHECK(cudaDeviceSynchronize());
+}
+
+void CudaSession::reset_state() {
+    FW_CHECK(cudaMemcpyAsync(state, state_init, state_floats * 4, cudaMemcpyDeviceToDevice, stream));
+}
+
+namespace {
+void mv(const CudaModel &cm, const Tensor &t, const float *x, float *y, cudaStream_t s) {
+    cuda_matvec(t.type, cm.dev(t), t.ne[1], t.ne[0], x, y, s);
+}
+
+// partial HC mix of fn (rows x n) with H (see hc_mix_partial_kernel)
+void hc_mix(const CudaModel &cm, const Tensor &fn, const float *H, int n_chunks, float *part, double *ss,
+            cudaStream_t s) {
+    const int n = (int)fn.ne[0], rows = (int)fn.ne[1];
+    if (fn.type == DS4_TYPE_F16)
+        hc_mix_partial_kernel<DS4_TYPE_F16><<<n_chunks, kHcThreads, 0, s>>>(cm.dev(fn), H, n, rows, part, ss);
+    else
+        hc_mix_partial_kernel<DS4_TYPE_F32><<<n_chunks, kHcThreads, 0, s>>>(cm.dev(fn), H, n, rows, part, ss);
+}
+}  // namespace
+
+// The launches of one token (facts D steps 0-19). Everything position-dependent reads d_step on the device.
+void CudaSession::enqueue_step(bool head, bool idx_active) {
+    const CudaModel &C = *cm;
+    const Hparams &hp = M->hp;
+    const int E = hp.n_embd, hc = hp.hc_mult, D = hp.n_head, hd = hp.head_dim, nrot = hp.n_rot;
+    const int G = hp.o_groups, OR = hp.o_lora_rank, in_g = D * hd / G;
+    const int IH = hp.idx_heads, ID = hp.idx_dim, K = hp.n_expert_used, F = hp.n_ff, NE = hp.n_expert;
+    const float eps = hp.rms_eps;
+    cudaStream_t s = stream;
+    const int ew_grid = (E + 255) / 256;
+    const size_t e_smem = (size_t)E * 4;
+
+    // 0. embedding into every stream
+    embed_kernel<<<ew_grid, 256, 0, s>>>(C.dev(M->tok_embd), M->tok_embd.type, E, hc, d_step, H);
+    for (int l = 0; l < hp.n_layer; l++) {
+        const LayerWeights &w = M->layers[l];
+        const LayerDev &ld = L[l];
+        const float *rope = hp.ratios[l] ? C.d_rope_comp : C.d_rope_main;
+        const int r = w.ratio;
+
+        // 1-2. HC pre, a = RMS(x_in) * attn_norm
+        hc_mix(C, w.hc_attn_fn, H, hc_chunks, hc_part, hc_ss, s);
+        hc_pre_kernel<<<1, 1024, e_smem, s>>>(hc_part, hc_ss, hc_chunks, C.devf(w.hc_attn_scale),
+                                              C.devf(w.hc_attn_base), H, C.devf(w.attn_norm), E, hc, hp.hc_iters,
+                                              hp.hc_eps, eps, hcw, a);
+        // 3. qr = RMS(q_a a) * q_a_norm; q = q_b qr; per-head RMS + RoPE (5)
+        mv(C, w.q_a, a, qr, s);
+        rows_rms_rope_kernel<<<1, 256, hp.q_lora_rank * 4, s>>>(qr, hp.q_lora_rank, C.devf(w.q_a_norm), eps, 0,
+                                                                 nullptr, d_step);
+        mv(C, w.q_b, qr, q, s);
+        rows_rms_rope_kernel<<<D, 128, hd * 4, s>>>(q, hd, nullptr, eps, nrot, rope, d_step);
+        // 4-6. kv: RMS * kv_norm, RoPE, round-trip, into the raw window
+        mv(C, w.kv, a, kv, s);
+        kv_kernel<<<1, 256, hd * 4, s>>>(kv, hd, C.devf(w.kv_norm), eps, nrot, rope, d_step, roundtrip ? 1 : 0,
+                                         hp.window, ld.ring);
+        // 7. compressor
+        if (r) {
+            mv(C, w.cmp_kv, a, cc, s);
+            mv(C, w.cmp_gate, a, cz, s);
+            compressor_kernel<<<1, 512, hd * 4, s>>>(cc, cz, C.d_cmp_ape[l], r, w.csa ? 1 : 0, hd, d_step, ld.ckv,
+                                                     ld.csc, C.devf(w.cmp_norm), eps, nrot, C.d_rope_comp,
+                                                     roundtrip ? 1 : 0, ld.comp);
+        }
+        // 8-9. indexer compressor; indexer selection once more than top-k rows are visible
+        bool use_sel = false;
+        if (w.csa) {
+            mv(C, w.idx_kv, a, ic, s);
+            mv(C, w.idx_gate, a, iz, s);
+            compressor_kernel<<<1, 256, ID * 4, s>>>(ic, iz, C.d_idx_ape[l], r, 1, ID, d_step, ld.ikv, ld.isc,
+                                                     C.devf(w.idx_norm), eps, nrot, C.d_rope_comp,
+                                                     roundtrip ? 2 : 0, ld.idx);
+            if (idx_active) {
+                use_sel = true;
+                mv(C, w.idx_q_b, qr, qi, s);
+                mv(C, w.idx_proj, a, wi, s);
+                idx_q_kernel<<<IH, 128, ID * 4, s>>>(qi, ID, nrot, C.d_rope_comp, d_step, roundtrip ? 1 : 0);
+                const int n_rows_max = max_ctx / r + 1;
+                const int grid = std::max(1, std::min(132, (n_rows_max + 7) / 8));
+                idx_score_kernel<<<grid, 256, idx_smem, s>>>(qi, wi, ld.idx, IH, ID, r,
+                                                             1.0f / std::sqrt((float)ID), 1.0f / std::sqrt((float)IH),
+                                                             d_step, scores);
+                topk_kernel<<<1, kTopkThreads, 0, s>>>(scores, r, hp.idx_topk, d_step, sel, n_sel);
+            }
+        }
+        // 10-11. attention with sinks, inverse RoPE
+        {
+            // visible compressed rows: csa layers see at most top-k (all rows while n_comp <= top-k), hca all
+            int max_vis = 0;
+            if (r) max_vis = w.csa ? std::min(max_ctx / r, hp.idx_topk) : max_ctx / r;
+            const int max_rows = hp.window + max_vis;
+            const size_t smem = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
+            attention_kernel<<<D, 32 * kAttnWarps, smem, s>>>(q, ld.ring, ld.comp, sel, n_sel, use_sel ? 1 : 0, r,
+                                                              hp.window, hd, nrot, C.devf(w.sinks), rope,
+                                                              1.0f / std::sqrt((float)hd), d_step, o);
+        }
+        // 12. grouped output projection (one launch: group g = "expert" g with its own input slice), then out_b
+        {
+            ExpertMatvec p;
+            p.W[0] = C.dev(w.out_a);
+            p.y[0] = low;
+            p.n_mats = 1;
+            p.expert_stride = (int64_t)OR * (int64_t)row_bytes(w.out_a.type, in_g);
+            p.n_rows = OR;
+            p.n_cols = in_g;
+            p.ids = C.d_group_ids;
+            p.n_ids = G;
+            p.x = o;
+            p.x_stride = in_g;
+            cuda_matvec_experts(w.out_a.type, p, s);
+        }
+        mv(C, w.out_b, low, y, s);
+        // 13. HC post
+        hc_post_kernel<<<ew_grid, 256, 0, s>>>(hcw, y, H, E, hc);
+
+        // 14. FFN HC pre, n = RMS(x_f) * ffn_norm (into a)
+        hc_mix(C, w.hc_ffn_fn, H, hc_chunks, hc_part, hc_ss, s);
+        hc_pre_kernel<<<1, 1024, e_smem, s>>>(hc_part, hc_ss, hc_chunks, C.devf(w.hc_ffn_scale),
+                                              C.devf(w.hc_ffn_base), H, C.devf(w.ffn_norm), E, hc, hp.hc_iters,
+                                              hp.hc_eps, eps, hcw, a);
+        // 15. router
+        mv(C, w.gate_inp, a, glog, s);
+        const bool hash = w.tid2eid.present() && l < hp.n_hash;
+        router_kernel<<<1, 256, (size_t)2 * NE * 4, s>>>(glog, NE, K, w.exp_bias.present() ? C.devf(w.exp_bias) : nullptr,
+                                                        hash ? reinterpret_cast<const int32_t *>(C.dev(w.tid2eid)) : nullptr,
+                                                        d_step, hp.expert_scale, roundtrip ? 1 : 0, eids, ewt);
+        // 16. routed experts: gate+up in one launch, SwiGLU, down in one launch
+        {
+            ExpertMatvec p;
+            p.W[0] = C.dev(w.gate_exps);
+            p.W[1] = C.dev(w.up_exps);
+            p.y[0] = gt;
+            p.y[1] = up;
+            p.n_mats = 2;
+            p.expert_stride = (int64_t)F * (int64_t)row_bytes(w.gate_exps.type, E);
+            p.n_rows = F;
+            p.n_cols = E;
+            p.ids = eids;
+            p.n_ids = K;
+            p.x = a;
+            p.x_stride = 0;
+            cuda_matvec_experts(w.gate_exps.type, p, s);
+        }
+        const float lim = hp.swiglu_limit[l];
+        swiglu_kernel<<<(K * F + 255) / 256, 256, 0, s>>>(gt, up, K * F, lim, mb);
+        {
+            ExpertMatvec p;
+            p.W[0] = C.dev(w.down_exps);
+            p.y[0] = dn;
+            p.n_mats = 1;
+            p.expert_stride = (int64_t)E * (int64_t)row_bytes(w.down_exps.type, F);
+            p.n_rows = E;
+            p.n_cols = F;
+            p.ids = eids;
+            p.n_ids = K;
+            p.x = mb;
+            p.x_stride = F;
+            cuda_matvec_experts(w.down_exps.type, p, s);
+        }
+        // 17. shared expert
+        mv(C, w.gate_sh, a, shg, s);
+        mv(C, w.up_sh, a, shu, s);
+        swiglu_kernel<<<(F + 255) / 256, 256, 0, s>>>(shg, shu, F, lim, shm);
+        mv(C, w.down_sh, shm, ysh, s);
+        moe_sum_kernel<<<ew_grid, 256, 0, s>>>(dn, ewt, K, E, ysh, y);
+        // 18. HC post
+        hc_post_kernel<<<ew_grid, 256, 0, s>>>(hcw, y, H, E, hc);
+    }
+    if (!head) return;
+    // 19. head
+    hc_mix(C, M->out_hc_fn, H, hc_chunks, hc_part, hc_ss, s);
+    head_kernel<<<1, 1024, e_smem, s>>>(hc_part, hc_ss, hc_chunks, C.devf(M->out_hc_scale), C.devf(M->out_hc_base), H,
+                                        C.devf(M->out_norm), E, hc, hp.hc_eps, eps, z);
+    mv(C, M->output, z, logits, s);
+    FW_CHECK(cudaGetLastError());
+}
+
+void CudaSession::run_token(int32_t tok, bool head, float *logits_out) {
+    const Hparams &hp = M->hp;
+    if (pos > 0 && pos % ckpt_every == 0 && (size_t)(pos / ckpt_every - 1) < ckpts.size())
+        FW_CHECK(cudaMemcpyAsync(ckpts[pos / ckpt_every - 1], state, state_floats * 4, cudaMemcpyDeviceToDevice,
+                                 stream));
+    const Step st{tok, pos};
+    // pageable source: the runtime stages it before returning, so `st` may go out of scope
+    FW_CHECK(cudaMemcpyAsync(d_step, &st, sizeof st, cudaMemcpyHostToDevice, stream));
+    const bool idx_active = hp.csa_ratio > 0 && (pos + 1) / hp.csa_ratio > hp.idx_topk;
+    const int key = (head ? 2 : 0) + (idx_active ? 1 : 0);
+    if (!use_graphs || !seen[key]) {
+        // first step of this shape runs directly (warms module loading and the matvec launch tables), later
+        // ones replay the captured graph
+        enqueue_step(head, idx_active);
+        seen[key] = true;
+    } else {
+        if (!graphs[key]) {
+            cudaGraph_t graph = nullptr;
+            FW_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+            try {
+                enqueue_step(head, idx_active);
+            } catch (...) {
+                cudaStreamEndCapture(stream, &graph);
+                if (graph) cudaGraphDestroy(graph);
+                throw;
+            }
+            FW_CHECK(cudaStreamEndCapture(stream, &graph));
+            const cudaError_t e = cudaGraphInstantiate(&graphs[key], graph, 0);
+            cudaGraphDestroy(graph);
+            FW_CHECK(e);
+        }
+        FW_CHECK(cudaGraphLaunch(graphs[key], stream));
+    }
+    if (head && logits_out)
+        FW_CHECK(cudaMemcpyAsync(logits_out, logits, (size_t)hp.n_vocab * 4, cudaMemcpyDeviceToHost, stream));
+    pos++;
+    tokens.push_back(tok);
+}
+
+CudaSessionPtr cuda_session_new(CudaModel &m, int max_ctx, bool roundtrip) {
+    if (max_ctx < 1) fail(DS4_E_ARG, "max_ctx must be >= 1 (got %d)", max_ctx);
+    auto s = CudaSessionPtr(new CudaSession);
+    s->cm = &m;
+    s->M = m.host;
+    s->max_ctx = max_ctx;
+    s->roundtrip = roundtrip;
+    s->tokens.reserve(max_ctx);
+    s->init();
+    return s;
+}
+
+void cuda_session_eval(CudaSession &s, const int32_t *toks, int n, bool all_logits, float *logits) {
+    const Hparams &hp = s.M->hp;
+    if (n < 0) fail(DS4_E_ARG, "token count %d < 0", n);
+    if (n == 0) return;
+    if ((int64_t)s.pos + n > s.max_ctx)
+        fail(DS4_E_STATE, "context full: %d tokens evaluated + %d new > max_ctx %d", s.pos, n, s.max_ctx);
+    for (int i = 0; i < n; i++)
+        if (toks[i] < 0 || toks[i] >= hp.n_vocab)
+            fail(DS4_E_ARG, "token id %d at index %d is outside the vocabulary [0, %d)", toks[i], i, hp.n_vocab);
+    try {
+        for (int t = 0; t < n; t++) {
+            const bool head = logits && (all_logits || t == n - 1);
+            float *out = head ? logits + (all_logits ? (size_t)t * hp.n_vocab : 0) : nullptr;
+            s.run_token(toks[t], head, out);
+        }
+        FW_CHECK(cudaStreamSynchronize(s.stream));
+        FW_CHECK(cudaGetLastError());
+    } catch (...) {
+        // a CUDA failure leaves the device state undefined; pos/tokens still say what was enqueued
+        cudaStreamSynchronize(s.stream);
+        cudaGetLastError();
+        throw;
+    }
+}
+
+void cuda_session_truncate(CudaSession &s, int n) {
+    if (n < 0 || n > s.pos) fail(DS4_E_STATE, "truncate to %d: must be in [0, %d] (tokens evaluated)", n, s.pos);
+    if (n == s.pos) return;
+    const int k = n / s.ckpt_every;  // checkpoints 0..k-1 hold the state before positions (i+1)*ckpt_every
+    if (k == 0) {
+        s.reset_state();
+        s.pos = 0;
+    } else {
+        FW_CHECK(cudaMemcpyAsync(s.state, s.ckpts[k - 1], s.state_floats * 4, cudaMemcpyDeviceToDevice, s.stream));
+        s.pos = k * s.ckpt_every;
+    }
+    // compressed / indexer rows are append-only: rows past the new position are rewritten before being read
+    std::vector<int32_t> redo(s.tokens.begin() + s.pos, s.tokens.begin() + n);
+    s.tokens.resize(s.pos);
+    if (!redo.empty()) cuda_session_eval(s, redo.data(), (int)redo.size(), false, nullptr);
+    FW_CHECK(cudaStreamSynchronize(s.stream));
+}
+
+int cuda_session_pos(const CudaSession &s) { return s.pos; }
+uint64_t cuda_session_bytes(const CudaSession &s) { return s.bytes; }
+
+}  // namespace ds4

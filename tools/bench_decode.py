@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Decode / prefill benchmark of the CUDA engine on a full-size DS4 GGUF (e.g. the synthetic Q2 file of
+tools/synthetic_q2_gguf.py), measured like platform-facts section 8 (ds4 on one H200):
+
+  - pure-read device bandwidth (ds4_bandwidth_probe, same run) -> decode roofline;
+  - load time of the weights into GPU memory, GPU memory after load and at each context;
+  - prefill t/s over the 2048-token interval that ends at each context;
+  - decode t/s of 128 greedy tokens starting at each context: (tokens - 1) / (last - first token time), the
+    llama-benchy tg definition.
+
+One session walks up the contexts (the decoded tokens stay in the context; the next prefill ends exactly at the
+next context). A wall-clock deadline stops before a context that would not finish in time.
+Needs only numpy + the engine (DS4_ENGINE_LIB or --lib).
+
+    python3 tools/bench_decode.py /dev/shm/ds4-synth-q2.gguf --lib build/gpu-sm_90/libds4engine.so --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# always-on bytes per token (ds4-model-facts.md G) + routed experts (Q2) + KV reads; F32 KV as stored here
+ALWAYS_ON = 7_733_023_140
+ROUTED_Q2 = 1_826_095_104
+IDX_ONLY = 21 * 17_301_504  # indexer q_b/proj, skipped while <= top-k rows are visible (ctx < 2052)
+
+
+def kv_bytes(ctx: int) -> int:
+    raw = 43 * 128 * 512 * 4
+    r4 = 21 * min(ctx // 4, 512) * 512 * 4
+    idx = 21 * (ctx // 4) * 128 * 4 if ctx // 4 > 512 else 0
+    r128 = 20 * (ctx // 128) * 512 * 4
+    return raw + r4 + idx + r128
+
+
+def bytes_per_token(ctx: int) -> int:
+    return ALWAYS_ON + ROUTED_Q2 + kv_bytes(ctx) - (0 if ctx // 4 > 512 else IDX_ONLY)
+
+
+def gpu_mem_used_gib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+        return int(out[0]) / 1024.0
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--lib", type=Path, help="libds4engine.so built with CUDA (default: $DS4_ENGINE_LIB)")
+    ap.add_argument("--contexts", default="2048,8192,16384,32768")
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--interval", type=int, default=2048, help="prefill chunk (tokens per eval call)")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="stop before a context that would end later")
+    ap.add_argument("--bw-gib", type=float, default=8.0)
+    ap.add_argument("--out", type=Path, default=None, help="directory for bench.json / bench.md")
+    args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    deadline = t_start + args.deadline_s
+    if args.lib:
+        os.environ["DS4_ENGINE_LIB"] = str(args.lib)
+    from spark_setup.engine import _lib
+    from spark_setup.engine.runtime import Model
+
+    lib = _lib.load()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    res: dict = {"model": str(args.model), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "version": lib.ds4_version_string().decode(), "rows": []}
+
+    rd, cp = ctypes.c_double(), ctypes.c_double()
+    _lib.check(lib, lib.ds4_bandwidth_probe(1, int(args.bw_gib * 2**30), 20, ctypes.byref(rd), ctypes.byref(cp)))
+    res["read_gbs"], res["copy_gbs"] = rd.value, cp.value
+    print(f"bandwidth: read {rd.value:.0f} GB/s, copy {cp.value:.0f} GB/s", flush=True)
+
+    mem0 = gpu_mem_used_gib()
+    t0 = time.monotonic()
+    model = Model(args.model, backend="cuda", lib=lib)
+    res["load_s"] = time.monotonic() - t0
+    res["weight_bytes"] = model.desc["weight_bytes"]
+    res["file_bytes"] = args.model.stat().st_size
+    res["load_gbs"] = res["file_bytes"] / res["load_s"] / 1e9
+    res["gpu_mem_before_gib"], res["gpu_mem_loaded_gib"] = mem0, gpu_mem_used_gib()
+    print(f"load: {res['load_s']:.1f} s ({res['load_gbs']:.1f} GB/s), GPU memory {res['gpu_mem_loaded_gib']} GiB",
+          flush=True)
+
+    max_ctx = max(contexts) + args.decode + 8
+    sess = model.new_session(max_ctx)
+    res["session_bytes"] = sess.nbytes
+    rng = np.random.default_rng(1234)
+    toks = rng.integers(1000, model.n_vocab - 1000, size=max_ctx).astype(np.int32)
+    per_tok = None  # seconds per prefill token, measured
+    logits = None
+    for c in contexts:
+        # would this context finish before the deadline?
+        if per_tok is not None:
+            need = (c - sess.pos) * per_tok + args.decode * per_tok * 1.2 + 5
+            if time.monotonic() + need > deadline:
+                print(f"ctx {c}: skipped (needs ~{need:.0f} s, deadline in {deadline - time.monotonic():.0f} s)",
+                      flush=True)
+                res.setdefault("skipped", []).append(c)
+                continue
+        pp_tps, last_n, last_dt = None, 0, 0.0
+        while sess.pos < c:
+            n = min(args.interval, c - sess.pos)
+            p = sess.pos
+            t = time.monotonic()
+            logits = sess.eval(toks[p:p + n])
+            d = time.monotonic() - t
+            last_n, last_dt = n, d
+            per_tok = d / n
+            if time.monotonic() + (c - sess.pos) * per_tok > deadline:
+                break
+        if sess.pos < c:
+            print(f"ctx {c}: stopped during prefill at {sess.pos} (deadline)", flush=True)
+            res.setdefault("skipped", []).append(c)
+            break
+        pp_tps = last_n / last_dt if last_dt > 0 else None
+        assert logits is not None and np.isfinite(logits).all(), "non-finite logits"
+        stamps = []
+        tok = int(np.argmax(logits))
+        for _ in range(args.decode):
+            logits = sess.eval([tok])
+            stamps.append(time.monotonic())
+            tok = int(np.argmax(logits))
+        assert np.isfinite(logits).all(), "non-finite logits in decode"
+        tg = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        bpt = bytes_per_token(c)
+        row = {"ctx": c, "pp_tps": pp_tps, "pp_interval": last_n, "tg_tps": tg, "ms_per_token": 1000 / tg,
+               "bytes_per_token": bpt, "roofline_tps": rd.value * 1e9 / bpt,
+               "roofline_frac": tg / (rd.value * 1e9 / bpt), "gpu_mem_gib": gpu_mem_used_gib()}
+        res["rows"].append(row)
+        print(f"ctx {c}: prefill {pp_tps:.1f} t/s ({last_n} tok), decode {tg:.1f} t/s ({1000 / tg:.2f} ms/tok), "
+              f"roofline {row['roofline_tps']:.0f} t/s -> {100 * row['roofline_frac']:.1f}%, "
+              f"GPU mem {row['gpu_mem_gib']} GiB", flush=True)
+    sess.close()
+    model.close()
+    res["wall_s"] = time.monotonic() - t_start
+
+    lines = [f"| context | prefill t/s ({args.interval}-token interval) | decode t/s ({args.decode} greedy) | ms/token "
+             "| roofline t/s | % of roofline | GPU mem GiB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['ctx']} | {r['pp_tps']:.0f} | {r['tg_tps']:.1f} | {r['ms_per_token']:.2f} | "
+                     f"{r['roofline_tps']:.0f} | {100 * r['roofline_frac']:.1f} | {r['gpu_mem_gib']} |")
+    lines.append("")
+    lines.append(f"Pure-read bandwidth {res['read_gbs']:.0f} GB/s (copy {res['copy_gbs']:.0f} GB/s); load "
+                 f"{res['load_s']:.1f} s for {res['file_bytes'] / 2**30:.2f} GiB ({res['load_gbs']:.1f} GB/s); GPU "
+                 f"memory {res['gpu_mem_loaded_gib']} GiB after load (before: {res['gpu_mem_before_gib']}); "
+                 f"session {res['session_bytes'] / 2**20:.0f} MiB; {res['version']}; {res['date']}.")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(res, indent=1))
+        (args.out / "bench.md").write_text(table + "\n")
+    return 0 if res["rows"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
