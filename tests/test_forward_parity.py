@@ -219,3 +219,27 @@ def test_exported_plain_model_matches_transformers(runtime, tmp_path, types):
     with rt.Model(path, lib=lib) as m, m.new_session(64, roundtrip=False) as s:
         got = s.eval(toks, all_logits=True)
     assert rel_err(got, ref).max() <= TOL
+
+
+def test_truncate_to_a_prompt_boundary(runtime):
+    """The usual prefix reuse: prompt, decode a reply, cut back to the end of the prompt (the tail checkpoint),
+    continue; and a cut below that boundary still works after it."""
+    rt, lib = runtime
+    path = mt.ensure_gguf("s6", 0)
+    rng = np.random.default_rng(5)
+    prompt, more = rng.integers(0, 3000, size=45).tolist(), rng.integers(0, 3000, size=12).tolist()
+    with rt.Model(path, lib=lib) as m:
+        with m.new_session(MAX_CTX) as fresh:
+            fresh.eval(prompt)
+            want = fresh.eval(more, all_logits=True)
+        with m.new_session(MAX_CTX) as fresh:
+            fresh.eval(prompt[:20])
+            want_short = fresh.eval(more, all_logits=True)
+        with m.new_session(MAX_CTX) as s:
+            lg = s.eval(prompt)
+            for _ in range(6):
+                lg = s.eval([int(lg.argmax())])
+            s.truncate(len(prompt))
+            assert np.array_equal(s.eval(more, all_logits=True), want)
+            s.truncate(20)
+            assert np.array_equal(s.eval(more, all_logits=True), want_short)

@@ -374,36 +374,46 @@ Session::Session(const Model *m, int max_ctx_, bool roundtrip_) : model(m), max_
     // checkpoints: at most 16, at least every 32 positions
     ckpt_every = std::max(32, (max_ctx + 15) / 16);
     const int n_ckpt = (max_ctx - 1) / ckpt_every;
-    ckpts.resize(n_ckpt);
-    for (auto &c : ckpts) {
-        c.resize(hp.n_layer);
+    // checkpoint buffers: the overwritten parts of every layer's state (ring + compressor buffers)
+    auto state_copy = [&] {
+        std::vector<LayerState> c(hp.n_layer);
         for (int L = 0; L < hp.n_layer; L++) {
-            const LayerState &s = layers[L];
-            c[L].ring.resize(s.ring.size());
-            c[L].ckv.resize(s.ckv.size());
-            c[L].csc.resize(s.csc.size());
-            c[L].ikv.resize(s.ikv.size());
-            c[L].isc.resize(s.isc.size());
+            c[L].ring.resize(layers[L].ring.size());
+            c[L].ckv.resize(layers[L].ckv.size());
+            c[L].csc.resize(layers[L].csc.size());
+            c[L].ikv.resize(layers[L].ikv.size());
+            c[L].isc.resize(layers[L].isc.size());
         }
-    }
-    bytes = row_bytes_total + state_bytes * (1 + (uint64_t)n_ckpt) + (uint64_t)max_ctx * sizeof(int32_t);
+        return c;
+    };
+    ckpts.resize(n_ckpt);
+    for (auto &c : ckpts) c = state_copy();
+    tail = state_copy();
+    bytes = row_bytes_total + state_bytes * (2 + (uint64_t)n_ckpt) + (uint64_t)max_ctx * sizeof(int32_t);
 }
 
-void Session::save_layer_ckpt(int L, int k) {
-    const LayerState &s = layers[L];
-    LayerState &c = ckpts[k][L];
-    c.ring = s.ring;
-    c.ckv = s.ckv;
-    c.csc = s.csc;
-    c.ikv = s.ikv;
-    c.isc = s.isc;
+namespace {
+// Copy the overwritten parts of a layer's state (not the append-only compressed / indexer rows).
+void copy_state(const LayerState &from, LayerState &to) {
+    to.ring = from.ring;
+    to.ckv = from.ckv;
+    to.csc = from.csc;
+    to.ikv = from.ikv;
+    to.isc = from.isc;
 }
+}  // namespace
+
+void Session::save_layer_ckpt(int L, int k) { copy_state(layers[L], ckpts[k][L]); }
 
 void Session::truncate(int n) {
     if (n < 0 || n > pos) fail(DS4_E_STATE, "truncate to %d: must be in [0, %d] (tokens evaluated)", n, pos);
     if (n == pos) return;
     const int k = n / ckpt_every;  // checkpoints 0..k-1 describe positions < n
-    if (k == 0) {
+    if (tail_pos > n) tail_pos = -1;  // the tail checkpoint is past the cut: gone
+    if (tail_pos >= 0 && tail_pos >= k * ckpt_every) {
+        for (size_t L = 0; L < layers.size(); L++) copy_state(tail[L], layers[L]);
+        pos = tail_pos;
+    } else if (k == 0) {
         for (LayerState &s : layers) {
             std::fill(s.ring.begin(), s.ring.end(), 0.0f);
             std::fill(s.ckv.begin(), s.ckv.end(), 0.0f);
@@ -413,15 +423,7 @@ void Session::truncate(int n) {
         }
         pos = 0;
     } else {
-        for (size_t L = 0; L < layers.size(); L++) {
-            LayerState &s = layers[L];
-            const LayerState &c = ckpts[k - 1][L];
-            s.ring = c.ring;
-            s.ckv = c.ckv;
-            s.csc = c.csc;
-            s.ikv = c.ikv;
-            s.isc = c.isc;
-        }
+        for (size_t L = 0; L < layers.size(); L++) copy_state(ckpts[k - 1][L], layers[L]);
         pos = k * ckpt_every;
     }
     // re-evaluate the kept tokens after the checkpoint (at most ckpt_every - 1 of them)
@@ -441,6 +443,10 @@ void Session::eval(const int32_t *toks, int n, bool all_logits, float *logits) {
     forward(toks, n, all_logits, logits);
     tokens.insert(tokens.end(), toks, toks + n);
     pos += n;
+    if (n > 1) {  // a prompt boundary: the cheapest point to come back to
+        for (size_t L = 0; L < layers.size(); L++) copy_state(layers[L], tail[L]);
+        tail_pos = pos;
+    }
 }
 
 // =========================================================================================================

@@ -95,8 +95,13 @@ struct Session {
     // Checkpoints of the small, overwritten parts of the state (ring + compressor buffers) every
     // `ckpt_every` positions: truncate restores the last one <= n and re-evaluates the tokens after it.
     // Compressed / indexer rows are append-only and need no checkpoint.
+    // Truncate cost: re-evaluating at most ckpt_every - 1 tokens (ckpt_every = max(32, max_ctx / 16)), or none
+    // when cutting back to the end of the last multi-token eval (a prompt boundary, the usual prefix-reuse point),
+    // which has its own checkpoint (`tail`).
     int ckpt_every = 0;
     std::vector<std::vector<LayerState>> ckpts;  // ckpts[k]: state before position (k+1)*ckpt_every
+    std::vector<LayerState> tail;                // state after the last multi-token eval, at position tail_pos
+    int tail_pos = -1;                           // -1: none
     uint64_t bytes = 0;
 
     Session(const Model *m, int max_ctx, bool roundtrip);
