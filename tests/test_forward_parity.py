@@ -166,10 +166,14 @@ def test_truncate_then_continue_equals_fresh(runtime, cut):
             assert np.array_equal(got, want), f"truncate({cut}) roundtrip={roundtrip}"
 
 
-def test_session_errors(runtime):
+def test_session_errors(runtime, engine_lib):
     rt, lib = runtime
     path = mt.ensure_gguf("s6", 0)
-    with rt.Model(path, lib=lib) as m, m.new_session(16) as s:
+    with pytest.raises(rt.EngineError, match="unknown backend"):
+        rt.Model(path, backend="tpu", lib=lib)
+    with pytest.raises(rt.EngineError, match="CUDA"):
+        rt.Model(path, backend="cuda", lib=lib)
+    with rt.Model(path, lib=engine_lib) as m, m.new_session(16) as s:   # lib given as a path
         assert s.nbytes > 0
         s.eval([1, 2, 3])
         with pytest.raises(rt.EngineError, match="truncate to 4"):
@@ -183,6 +187,8 @@ def test_session_errors(runtime):
             s.eval([m.n_vocab])
         with pytest.raises(rt.EngineError, match="max_ctx"):
             m.new_session(0)
+    with pytest.raises(rt.EngineError, match="closed"):
+        s.eval([1])
 
 
 def test_repeated_truncate_and_reuse(runtime):

@@ -36,10 +36,12 @@ def _need(lib: ctypes.CDLL) -> None:
 class Model:
     """A DS4 GGUF loaded by the engine. `desc` holds ds4_model_desc as a dict."""
 
-    def __init__(self, path: str | os.PathLike, backend: str = "cpu", lib: Optional[ctypes.CDLL] = None):
+    def __init__(self, path: str | os.PathLike, backend: str = "cpu",
+                 lib: Optional[ctypes.CDLL | str | os.PathLike] = None):
+        """lib: a loaded engine library, the path of one, or None ($DS4_ENGINE_LIB, else the built engine)."""
         if backend not in _BACKENDS:
             raise EngineError(f"unknown backend {backend!r} (use cpu or cuda)", DS4_E_ARG)
-        self._lib = lib if lib is not None else _lib.load()
+        self._lib = lib if isinstance(lib, ctypes.CDLL) else _lib.load(lib)
         _need(self._lib)
         self.path = os.fspath(path)
         self.backend = backend
