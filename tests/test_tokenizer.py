@@ -212,6 +212,9 @@ def test_from_gguf_reads_the_same_tokenizer(tmp_path, vocab, tok):
     w.close()
     t2 = Tokenizer.from_gguf(path)
     assert t2.n_vocab == 129280 and t2.added_ids == tok.added_ids
+    # our metadata walk reads what the gguf package reads
+    ref = gguf.GGUFReader(str(path))
+    assert t2.tokens == ref.fields["tokenizer.ggml.tokens"].contents()
     for s in STRINGS[:500]:
         assert t2.encode(s) == tok.encode(s)
 
@@ -227,3 +230,58 @@ def test_a_sub_vocabulary_still_encodes_everything(vocab, tok):
     for s in STRINGS[:300] + [" the cat"]:
         assert small.decode(small.encode(s)) == s
     assert small.token_id("Ġthe") in small.encode(" the cat")
+
+
+def test_the_real_q2_file_layout_gives_the_real_tokenizer(tmp_path, tok):
+    """tools/synthetic_q2_gguf.py writes the exact header of the real Q2 file (data left as a sparse hole): the
+    tokenizer read from it must be the real one, with the official vectors' counts."""
+    import importlib.util
+
+    tool = REPO / "tools" / "synthetic_q2_gguf.py"
+    if not tool.exists():
+        pytest.skip("tools/synthetic_q2_gguf.py not present")
+    spec = importlib.util.spec_from_file_location("synthetic_q2_gguf", tool)
+    sq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sq)
+    toks, merges = sq.load_tokenizer(PKG_DIR / "tokenizer.json")
+    hdr, _, _, total = sq.build_header(sq.tensor_list(), toks, merges)
+    path = tmp_path / "real-layout.gguf"
+    with open(path, "wb") as f:
+        f.truncate(total)
+        f.write(hdr)
+    try:
+        real = Tokenizer.from_gguf(path)
+    finally:
+        path.unlink()  # 80 GiB apparent size
+    assert real.n_vocab == 129280 and real.added_ids == tok.added_ids
+    assert real.missing_specials() == []
+    for s in STRINGS[:2000]:
+        assert real.encode(s) == tok.encode(s)
+    if VECTORS.is_dir():
+        prompt = (VECTORS / "prompts" / "long_code_audit.txt").read_text(encoding="utf-8")
+        assert len(chat.encode(real, [chat.Message("user", prompt)], thinking=False)) == 3844
+
+
+def test_metadata_reader_matches_gguf_and_refuses_damage(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from spark_setup.demo import demo_model_path
+    from spark_setup.engine.tokenizer import read_gguf_metadata, read_gguf_vocab
+    from spark_setup.errors import UserError
+
+    demo = demo_model_path()
+    ref = gguf.GGUFReader(str(demo))
+    v = read_gguf_vocab(demo)
+    assert v.tokens == ref.fields["tokenizer.ggml.tokens"].contents()
+    assert v.merges == ref.fields["tokenizer.ggml.merges"].contents()
+    assert v.token_types == [int(t) for t in ref.fields["tokenizer.ggml.token_type"].contents()]
+    meta = read_gguf_metadata(demo, ["deepseek4.block_count", "general.architecture",
+                                     "deepseek4.attention.compress_ratios"])
+    assert meta["general.architecture"] == "deepseek4" and meta["deepseek4.block_count"] == 6
+    assert meta["deepseek4.attention.compress_ratios"] == [int(x) for x in
+                                                           ref.fields["deepseek4.attention.compress_ratios"].contents()]
+    data = demo.read_bytes()
+    cut = data.index(b"tokenizer.ggml.merges") + 200  # inside the merges array
+    for name, blob in (("cut.gguf", data[:cut]), ("magic.gguf", b"GGUX" + data[4:4096]), ("empty.gguf", b"")):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(UserError, match="cannot read the tokenizer"):
+            read_gguf_vocab(tmp_path / name)

@@ -81,26 +81,93 @@ class Vocab:
     token_types: list[int] | None = None
 
 
-def read_gguf_vocab(path: str | Path) -> Vocab:
-    """Read tokens/merges (and token_type when present) from a GGUF file's metadata."""
-    from gguf import GGUFReader  # the gguf package parses the header; we read three keys
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+
+
+def read_gguf_metadata(path: str | Path, keys: Sequence[str]) -> dict:
+    """The values of `keys` from a GGUF's metadata section (strings, string arrays, integer arrays, scalars).
+
+    The gguf package's GGUFReader parses every field and tensor into numpy views first (about 10 s for the
+    129k-token vocabulary here), so this walks only the key/value section, bounds-checking every read."""
+    import mmap
+    import struct
 
     path = Path(path)
     try:
-        reader = GGUFReader(str(path), "r")
-    except Exception as exc:  # the reader raises several types for truncated/corrupt files
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            size = len(mm)
+            pos = 0
+
+            def take(n: int) -> bytes:
+                nonlocal pos
+                if n < 0 or pos + n > size:
+                    raise ValueError(f"truncated metadata at byte {pos}")
+                pos += n
+                return mm[pos - n:pos]
+
+            def u32() -> int:
+                return struct.unpack_from("<I", take(4))[0]
+
+            def u64() -> int:
+                return struct.unpack_from("<Q", take(8))[0]
+
+            def string() -> str:
+                return str(take(u64()), "utf-8")
+
+            if bytes(take(4)) != b"GGUF":
+                raise ValueError("not a GGUF file (bad magic)")
+            version = u32()
+            if version != 3:
+                raise ValueError(f"GGUF version {version} (only 3 is supported)")
+            u64()  # tensor count
+            n_kv = u64()
+            fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+            out = {}
+            for _ in range(n_kv):
+                key = string()
+                vtype = u32()
+                want = key in keys
+                if vtype == _GGUF_STRING:
+                    value = string()
+                elif vtype in _GGUF_SCALAR:
+                    value = struct.unpack_from(fmt[vtype], take(_GGUF_SCALAR[vtype]))[0]
+                elif vtype == _GGUF_ARRAY:
+                    etype, count = u32(), u64()
+                    if etype == _GGUF_STRING:
+                        if want:
+                            value = [string() for _ in range(count)]
+                        else:
+                            for _ in range(count):
+                                n = u64()
+                                if pos + n > size:
+                                    raise ValueError(f"truncated metadata at byte {pos}")
+                                pos += n
+                    elif etype in _GGUF_SCALAR:
+                        raw = take(_GGUF_SCALAR[etype] * count)
+                        value = list(struct.unpack_from(f"<{count}{fmt[etype][1]}", raw)) if want else None
+                    else:
+                        raise ValueError(f"metadata key {key!r} is an array of unknown type {etype}")
+                else:
+                    raise ValueError(f"metadata key {key!r} has unknown type {vtype}")
+                if want:
+                    out[key] = value
+                    if len(out) == len(set(keys)):
+                        break
+            return out
+    except (OSError, ValueError, UnicodeDecodeError, struct.error) as exc:
         raise UserError(f"cannot read the tokenizer from {path}: {exc}", "check that the file is a complete GGUF")
 
-    def array(key: str):
-        field = reader.fields.get(key)
-        return None if field is None else field.contents()
 
-    tokens = array("tokenizer.ggml.tokens")
-    merges = array("tokenizer.ggml.merges")
+def read_gguf_vocab(path: str | Path) -> Vocab:
+    """Read tokens/merges (and token_type when present) from a GGUF file's metadata."""
+    meta = read_gguf_metadata(path, _VOCAB_KEYS)
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise UserError(f"{path} has no tokenizer (tokenizer.ggml.tokens / tokenizer.ggml.merges missing)",
                         "use a DeepSeek-V4 GGUF that embeds its tokenizer")
-    types = array("tokenizer.ggml.token_type")
+    types = meta.get("tokenizer.ggml.token_type")
     return Vocab(list(tokens), list(merges), [int(t) for t in types] if types else None)
 
 
