@@ -125,6 +125,13 @@ def test_demo_install_serve_status_rerun_uninstall(installed):
                           text=True, timeout=60)
     assert logs.returncode == 0 and "ready: model" in logs.stdout, logs.stdout + logs.stderr
 
+    # The installed package carries the unit templates: a dry run renders them (and writes nothing).
+    dry = subprocess.run([str(cli), "serve", "--enable", "--dry-run", "--user", "--demo", "--prefix", str(prefix),
+                          "--port", str(port)], env=env, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and "Type=notify" in dry.stdout and "dry run: nothing written" in dry.stdout, \
+        dry.stdout + dry.stderr
+    assert not (Path(env["HOME"]) / ".config" / "systemd").exists()
+
     # Re-running install skips every step, each in under a second, and keeps the same server.
     t0 = time.monotonic()
     again = subprocess.run([str(cli), "install", "--demo", "--prefix", str(prefix), "--yes", "--port", str(port)],
