@@ -35,6 +35,8 @@ class ReadinessBar:
         self.task = None
 
     def __call__(self, obs: service.Readiness) -> None:
+        if not self.out.is_terminal:  # logs and pipes get the step lines only, not a bar's leftovers
+            return
         if self.progress is None:
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                      TextColumn("{task.fields[pct]}"), TextColumn("{task.fields[status]}"),
