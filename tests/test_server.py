@@ -230,9 +230,11 @@ def test_logit_bias_bans_end_of_sentence(server, tok):
 def test_two_concurrent_clients_both_correct_and_the_second_waits(server):
     solo = post(server, long_body()).json()
     assert solo["usage"]["completion_tokens"] == 150
+    started = server.health()["stats"]["requests"]
     with ThreadPoolExecutor(2) as ex:
         fa = ex.submit(post, server, long_body())
-        time.sleep(0.15)
+        while server.health()["stats"]["requests"] == started:  # the first one is on the engine now
+            time.sleep(0.01)
         fb = ex.submit(post, server, {"messages": [{"role": "user", "content": "What is the capital of Japan?"}],
                                       "temperature": 0, "think": False})
         a, b = fa.result().json(), fb.result().json()
@@ -318,17 +320,23 @@ def test_sigterm_drains_the_running_request_and_exits_0(engine_lib, tmp_path):
     srv = Server(tmp_path, "--demo", "--ctx", "512")
     srv.wait_ready()
     got = {}
+    streaming = threading.Event()
 
     def run():
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         s = c.chat.completions.create(model="x", messages=[{"role": "user", "content": UNTRAINED}], stream=True,
                                       max_tokens=300, temperature=0, logit_bias={"1": -100},
                                       stream_options={"include_usage": True}, extra_body={"think": False})
-        got["parts"] = stream_parts(s)
+
+        def chunks():
+            for chunk in s:
+                streaming.set()
+                yield chunk
+        got["parts"] = stream_parts(chunks())
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(0.5)
+    assert streaming.wait(60)
     srv.proc.send_signal(signal.SIGTERM)
     t.join(60)
     assert srv.proc.wait(60) == 0
