@@ -22,7 +22,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("s6", "m8", "k7")
-PREFILL = 112
+# The prompts of tests/test_forward_parity.py: seeds whose sequences (72 prompt tokens + 16 greedy steps) have no
+# router / indexer near-tie (margin >= 1e-3 in transformers), so f32 summation-order differences cannot flip a
+# discrete choice; 72 tokens pass the raw window, several compressions and the indexer's top-k.
+PROMPT_SEED = {"s6": 3, "m8": 7, "k7": 1}
+PREFILL = 72
 DECODE = 16
 
 def _lib():
@@ -58,7 +62,7 @@ def _report(key: str, value) -> None:
 
 
 def _prompt(n_vocab: int, n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n_vocab, size=n).astype(np.int32)
+    return np.random.default_rng(seed).integers(0, n_vocab, size=n).astype(np.int32)  # as test_forward_parity
 
 
 def _cpu_run(path: Path, prompt: np.ndarray, roundtrip: bool, lib):
@@ -96,7 +100,7 @@ def _rel_err(a: np.ndarray, ref: np.ndarray) -> np.ndarray:
 def test_cuda_matches_cpu_without_roundtrips(name):
     lib = _lib()
     path = tiny_model(name)
-    prompt = _prompt(_n_vocab(path, lib), PREFILL, seed=1)
+    prompt = _prompt(_n_vocab(path, lib), PREFILL, seed=PROMPT_SEED[name])
     ref, toks = _cpu_run(path, prompt, False, lib)
     got = _cuda_run(path, toks, PREFILL, False, lib)
     assert got.shape == ref.shape and np.isfinite(got).all()
@@ -104,7 +108,7 @@ def test_cuda_matches_cpu_without_roundtrips(name):
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
     _report(f"{name} roundtrip=off max rel err", float(err.max()))
     _report(f"{name} roundtrip=off argmax agreement", agree)
-    assert err.max() < 1e-3, f"worst position {int(err.argmax())}: {err.max():.3g}"
+    assert err.max() < 1e-4, f"worst position {int(err.argmax())}: {err.max():.3g}"
     assert agree == 1.0
 
 
@@ -115,7 +119,7 @@ def test_cuda_matches_cpu_with_roundtrips(name):
     rounding, so the bound is looser; the measured error is reported."""
     lib = _lib()
     path = tiny_model(name)
-    prompt = _prompt(_n_vocab(path, lib), PREFILL, seed=2)
+    prompt = _prompt(_n_vocab(path, lib), PREFILL, seed=PROMPT_SEED[name])
     ref, toks = _cpu_run(path, prompt, True, lib)
     got = _cuda_run(path, toks, PREFILL, True, lib)
     assert np.isfinite(got).all()

@@ -49,6 +49,18 @@ def bytes_per_token(ctx: int) -> int:
     return ALWAYS_ON + ROUTED_Q2 + kv_bytes(ctx) - (0 if ctx // 4 > 512 else IDX_ONLY)
 
 
+# ds4 on one H200, same synthetic file (platform-facts section 8): ctx -> (prefill t/s, decode t/s)
+DS4_H200 = {2048: (1350, 33.4), 8192: (1313, 32.2), 16384: (1246, 32.0), 32768: (1238, 29.3), 65536: (1004, 27.3)}
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown GPU"
+
+
 def gpu_mem_used_gib() -> float | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
@@ -62,6 +74,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("--lib", type=Path, help="libds4engine.so built with CUDA (default: $DS4_ENGINE_LIB)")
+    ap.add_argument("--backend", default="cuda", choices=["cuda", "cpu"], help="cpu: to try the script on a tiny model")
     ap.add_argument("--contexts", default="2048,8192,16384,32768")
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--interval", type=int, default=2048, help="prefill chunk (tokens per eval call)")
@@ -82,13 +95,13 @@ def main(argv=None) -> int:
                  "version": lib.ds4_version_string().decode(), "rows": []}
 
     rd, cp = ctypes.c_double(), ctypes.c_double()
-    _lib.check(lib, lib.ds4_bandwidth_probe(1, int(args.bw_gib * 2**30), 20, ctypes.byref(rd), ctypes.byref(cp)))
+    _lib.check(lib, lib.ds4_bandwidth_probe(1 if args.backend == "cuda" else 0, int(args.bw_gib * 2**30), 20, ctypes.byref(rd), ctypes.byref(cp)))
     res["read_gbs"], res["copy_gbs"] = rd.value, cp.value
     print(f"bandwidth: read {rd.value:.0f} GB/s, copy {cp.value:.0f} GB/s", flush=True)
 
     mem0 = gpu_mem_used_gib()
     t0 = time.monotonic()
-    model = Model(args.model, backend="cuda", lib=lib)
+    model = Model(args.model, backend=args.backend, lib=lib)
     res["load_s"] = time.monotonic() - t0
     res["weight_bytes"] = model.desc["weight_bytes"]
     res["file_bytes"] = args.model.stat().st_size
@@ -150,11 +163,14 @@ def main(argv=None) -> int:
     model.close()
     res["wall_s"] = time.monotonic() - t_start
 
-    lines = [f"| context | prefill t/s ({args.interval}-token interval) | decode t/s ({args.decode} greedy) | ms/token "
-             "| roofline t/s | % of roofline | GPU mem GiB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| context | prefill t/s ({args.interval}-token interval) | ds4 prefill | decode t/s ({args.decode} "
+             "greedy) | ds4 decode | ms/token | roofline t/s | % of roofline | GPU mem GiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        lines.append(f"| {r['ctx']} | {r['pp_tps']:.0f} | {r['tg_tps']:.1f} | {r['ms_per_token']:.2f} | "
-                     f"{r['roofline_tps']:.0f} | {100 * r['roofline_frac']:.1f} | {r['gpu_mem_gib']} |")
+        d4 = DS4_H200.get(r["ctx"], (None, None))
+        lines.append(f"| {r['ctx']} | {r['pp_tps']:.0f} | {d4[0] or '-'} | {r['tg_tps']:.1f} | {d4[1] or '-'} | "
+                     f"{r['ms_per_token']:.2f} | {r['roofline_tps']:.0f} | {100 * r['roofline_frac']:.1f} | "
+                     f"{r['gpu_mem_gib']} |")
     lines.append("")
     lines.append(f"Pure-read bandwidth {res['read_gbs']:.0f} GB/s (copy {res['copy_gbs']:.0f} GB/s); load "
                  f"{res['load_s']:.1f} s for {res['file_bytes'] / 2**30:.2f} GiB ({res['load_gbs']:.1f} GB/s); GPU "
@@ -165,7 +181,16 @@ def main(argv=None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps(res, indent=1))
-        (args.out / "bench.md").write_text(table + "\n")
+        head = [f"# DS4 decode on {gpu_name()} (CUDA engine, synthetic Q2 weights)", "",
+                f"Measured {res['date']} by `python3 tools/bench_decode.py {' '.join(sys.argv[1:])}` (run by "
+                "`tools/gpu_model_check.sh`). Weights: tools/synthetic_q2_gguf.py (the real Q2 layout, random tame "
+                "values), loaded into GPU memory. Prefill runs token by token through the decode step (no batched "
+                "prefill yet). Decode t/s = (tokens - 1) / (last - first token time), greedy, logits copied to the "
+                "host every token. Roofline = pure-read bandwidth / bytes read per token (ds4-model-facts G, F32 KV "
+                "rows). ds4 columns: platform-facts section 8 (same synthetic file, same GPU kind).", ""]
+        if res.get("skipped"):
+            table += f"\n\nContexts skipped for the time budget: {res['skipped']}."
+        (args.out / "h200_decode.md").write_text("\n".join(head) + "\n" + table + "\n")
     return 0 if res["rows"] else 1
 
 

@@ -10,7 +10,9 @@
 # written by tools/gpu_model_files.py: s6/m8/k7 tiny GGUFs + tokenizer.json). Results: $OUT (device runner) or
 # bench/gpu_model_check/; the model parts under $OUT/model/.
 # Env: BUDGET_S (default 540: total wall seconds for the whole script; the benchmark stops before it),
-#      SKIP_SYNTH=1 (steps 1-2 only), KEEP_SYNTH=1 (leave the 81 GiB file for a second call), ITERS (matvec bench).
+#      STEPS (default 1234: which steps run; e.g. STEPS=12 then STEPS=34 to split over two calls; without step 1
+#      the engine is still built, incrementally, into the same build dir), KEEP_SYNTH=1 (leave the 81 GiB file
+#      for a later call), ITERS (matvec bench iterations, default 100).
 set -uo pipefail
 
 main() {
@@ -24,18 +26,30 @@ main() {
     models=${DS4_GPU_MODELS:-$repo/.cache/gpu-models}
     synth=${SYNTH:-/dev/shm/ds4-synth-q2.gguf}
 
-    echo "== [1] build + kernel checks + matvec bench (tools/gpu_check.sh)"
-    OUT=$out ITERS=${ITERS:-100} bash tools/gpu_check.sh || status=1
+    local steps=${STEPS:-1234}
     cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
     arch=${ARCH:-$cc}
     bd=$repo/build/gpu-sm_$arch
     lib=$bd/libds4engine.so
+    if [[ $steps == *1* ]]; then
+        echo "== [1] build + kernel checks + matvec bench (tools/gpu_check.sh)"
+        OUT=$out ITERS=${ITERS:-100} bash tools/gpu_check.sh || status=1
+    else
+        echo "== [1] skipped (STEPS=$steps): build only -> $bd"
+        local nvcc gen=Ninja
+        nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+        command -v ninja >/dev/null 2>&1 || gen="Unix Makefiles"
+        { cmake -S spark_setup/engine -B "$bd" -G "$gen" -DCMAKE_BUILD_TYPE=Release -DDS4_CUDA=ON \
+              -DDS4_CUDA_ARCH="$arch" -DDS4_ARCH_NAME="sm_$arch" -DCMAKE_CUDA_COMPILER="$nvcc" &&
+          cmake --build "$bd" -j "$(nproc)"; } >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+    fi
     if [ ! -f "$lib" ]; then
         echo "gpu_model_check: no engine library at $lib (build failed); see $out/build.log" >&2
         exit 1
     fi
     echo "   step 1 done at $((SECONDS - t0)) s"
 
+    if [[ $steps == *2* ]]; then
     echo "== [2] CUDA forward vs CPU engine on the tiny models"
     for m in s6 m8 k7; do
         if [ ! -f "$models/$m.gguf" ]; then
@@ -56,9 +70,10 @@ main() {
     fi
     [ -f "$mo/cuda_vs_cpu.json" ] && cat "$mo/cuda_vs_cpu.json"
     echo "   step 2 done at $((SECONDS - t0)) s"
+    fi
 
-    if [ "${SKIP_SYNTH:-0}" = 1 ]; then
-        echo "== gpu_model_check: $([ $status -eq 0 ] && echo PASS || echo FAIL) (SKIP_SYNTH=1); results in $out"
+    if [[ $steps != *3* && $steps != *4* ]]; then
+        echo "== gpu_model_check: $([ $status -eq 0 ] && echo PASS || echo FAIL) (STEPS=$steps); results in $out"
         return $status
     fi
 
@@ -75,7 +90,7 @@ main() {
             exit 1
         fi
         local g0=$SECONDS
-        if ! timeout $((budget - (SECONDS - t0) - 60)) python3 tools/synthetic_q2_gguf.py "$synth" \
+        if ! timeout $(( budget - (SECONDS - t0) - 60 > 60 ? budget - (SECONDS - t0) - 60 : 60 )) python3 tools/synthetic_q2_gguf.py "$synth" \
                 --tokenizer "$models/tokenizer.json" --workers "$(nproc)" >"$mo/synthetic.log" 2>&1; then
             echo "gpu_model_check: synthetic generation failed or ran out of time; log:" >&2
             tail -20 "$mo/synthetic.log" >&2
@@ -88,6 +103,10 @@ main() {
     fi
     echo "   step 3 done at $((SECONDS - t0)) s"
 
+    if [[ $steps != *4* ]]; then
+        echo "== gpu_model_check: $([ $status -eq 0 ] && echo PASS || echo FAIL) (STEPS=$steps, file kept)"
+        return $status
+    fi
     echo "== [4] full-size benchmark (deadline: $((budget - (SECONDS - t0) - 20)) s from now)"
     if ! python3 tools/bench_decode.py "$synth" --lib "$lib" --out "$mo" \
             --deadline-s $((budget - (SECONDS - t0) - 20)) 2>&1 | tee "$mo/bench_decode.txt"; then

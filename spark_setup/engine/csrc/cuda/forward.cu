@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -501,8 +502,10 @@ __global__ void idx_score_kernel(const float *qi, const float *wi, const float *
     }
 }
 
+// Unsigned key with the order of the floats; -0 and +0 map to one key (the reference's comparison calls them
+// equal, and relu-summed indexer scores are often exactly zero).
 __device__ __forceinline__ uint32_t order_key(float f) {
-    const uint32_t u = __float_as_uint(f);
+    const uint32_t u = __float_as_uint(f == 0.0f ? 0.0f : f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -752,6 +755,18 @@ __global__ void head_kernel(const float *part, const double *ss, int n_chunks, c
     for (int d = threadIdx.x; d < E; d += blockDim.x) z[d] = zs[d];
 }
 
+// MemAvailable of /proc/meminfo in bytes (0 if unreadable).
+uint64_t mem_available_bytes() {
+    FILE *f = std::fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[256];
+    unsigned long long kb = 0;
+    while (std::fgets(line, sizeof line, f))
+        if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    std::fclose(f);
+    return (uint64_t)kb * 1024;
+}
+
 int env_int(const char *name, int dflt) {
     const char *v = std::getenv(name);
     return (v && *v) ? std::atoi(v) : dflt;
@@ -878,7 +893,20 @@ CudaModelPtr cuda_model_load(const Model &m) {
     cm->data_bytes = g.file_size() - g.data_offset();
 
     size_t free_b = 0, total_b = 0;
+    int dev = 0, integrated = 0;
+    FW_CHECK(cudaGetDevice(&dev));
+    FW_CHECK(cudaDeviceGetAttribute(&integrated, cudaDevAttrIntegrated, dev));
+    if (integrated) {
+        // unified memory (GB10): cudaMemGetInfo counts the page cache as used; drop this file's cached pages
+        // (reclaimable anyway) and count MemAvailable
+        const int fd0 = ::open(g.path().c_str(), O_RDONLY);
+        if (fd0 >= 0) {
+            posix_fadvise(fd0, 0, 0, POSIX_FADV_DONTNEED);
+            ::close(fd0);
+        }
+    }
     FW_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (integrated) free_b = std::max<uint64_t>(free_b, mem_available_bytes());
     const uint64_t margin = std::min<uint64_t>(1ull << 30, cm->data_bytes / 4 + (64ull << 20));
     const uint64_t need = cm->data_bytes + margin;
     if (free_b < need)
@@ -1135,6 +1163,31 @@ void mv(const CudaModel &cm, const Tensor &t, const float *x, float *y, cudaStre
     cuda_matvec(t.type, cm.dev(t), t.ne[1], t.ne[0], x, y, s);
 }
 
+// ya = Wa x and yb = Wb x in one launch when the two matrices have one type and shape (the expert matvec with a
+// single "expert" 0 and a zero stride), else two launches.
+void mv2(const CudaModel &cm, const Tensor &wa, const Tensor &wb, const float *x, float *ya, float *yb,
+         cudaStream_t s) {
+    if (wa.type != wb.type || wa.ne[0] != wb.ne[0] || wa.ne[1] != wb.ne[1]) {
+        mv(cm, wa, x, ya, s);
+        mv(cm, wb, x, yb, s);
+        return;
+    }
+    ExpertMatvec p;
+    p.W[0] = cm.dev(wa);
+    p.W[1] = cm.dev(wb);
+    p.y[0] = ya;
+    p.y[1] = yb;
+    p.n_mats = 2;
+    p.expert_stride = 0;
+    p.n_rows = wa.ne[1];
+    p.n_cols = wa.ne[0];
+    p.ids = cm.d_group_ids;  // {0, ...}
+    p.n_ids = 1;
+    p.x = x;
+    p.x_stride = 0;
+    cuda_matvec_experts(wa.type, p, s);
+}
+
 // partial HC mix of fn (rows x n) with H (see hc_mix_partial_kernel)
 void hc_mix(const CudaModel &cm, const Tensor &fn, const float *H, int n_chunks, float *part, double *ss,
             cudaStream_t s) {
@@ -1183,8 +1236,7 @@ void CudaSession::enqueue_step(bool head, bool idx_active) {
                                          hp.window, ld.ring);
         // 7. compressor
         if (r) {
-            mv(C, w.cmp_kv, a, cc, s);
-            mv(C, w.cmp_gate, a, cz, s);
+            mv2(C, w.cmp_kv, w.cmp_gate, a, cc, cz, s);
             compressor_kernel<<<1, 512, hd * 4, s>>>(cc, cz, C.d_cmp_ape[l], r, w.csa ? 1 : 0, hd, d_step, ld.ckv,
                                                      ld.csc, C.devf(w.cmp_norm), eps, nrot, C.d_rope_comp,
                                                      roundtrip ? 1 : 0, ld.comp);
@@ -1192,8 +1244,7 @@ void CudaSession::enqueue_step(bool head, bool idx_active) {
         // 8-9. indexer compressor; indexer selection once more than top-k rows are visible
         bool use_sel = false;
         if (w.csa) {
-            mv(C, w.idx_kv, a, ic, s);
-            mv(C, w.idx_gate, a, iz, s);
+            mv2(C, w.idx_kv, w.idx_gate, a, ic, iz, s);
             compressor_kernel<<<1, 256, ID * 4, s>>>(ic, iz, C.d_idx_ape[l], r, 1, ID, d_step, ld.ikv, ld.isc,
                                                      C.devf(w.idx_norm), eps, nrot, C.d_rope_comp,
                                                      roundtrip ? 2 : 0, ld.idx);
@@ -1285,8 +1336,7 @@ void CudaSession::enqueue_step(bool head, bool idx_active) {
             cuda_matvec_experts(w.down_exps.type, p, s);
         }
         // 17. shared expert
-        mv(C, w.gate_sh, a, shg, s);
-        mv(C, w.up_sh, a, shu, s);
+        mv2(C, w.gate_sh, w.up_sh, a, shg, shu, s);
         swiglu_kernel<<<(F + 255) / 256, 256, 0, s>>>(shg, shu, F, lim, shm);
         mv(C, w.down_sh, shm, ysh, s);
         moe_sum_kernel<<<ew_grid, 256, 0, s>>>(dn, ewt, K, E, ysh, y);
