@@ -95,6 +95,8 @@ def test_enable_ready_restart_stop(box):
     pid = int(props["MainPID"])
     assert box.run(["ps", "-o", "user=", "-p", str(pid)]).stdout.strip() == "spark-setup"
     assert box.http_status(URL + "/health") == 200
+    rec = json.loads(box.run(["cat", f"{box.prefix}/state/receipt.json"], check=True).stdout)
+    assert rec["service"]["units"] == ["/etc/systemd/system/spark-setup.service", "/etc/spark-setup/server.env"]
 
     # 2. READY=1 only after the model loaded: systemd logs "Started" after the server's "ready" line, and a
     #    blocking restart returns only when /health already answers 200 (no retry).

@@ -144,6 +144,12 @@ def serve_enable(settings: Settings, *, scope: Optional[str] = None, model: Opti
         res = service.enable(settings, plan, progress=bar)
     finally:
         bar.close()
+    r = rc.load(settings)  # the receipt records what exists, whichever command put it there
+    prev = r.get("service") or {}
+    r["service"] = {"mode": scope, "units": [str(p) for p in plan.files], "user": plan.spec.user, "url": res.url,
+                    "created_user": prev.get("created_user", False) or any("created the system user" in n
+                                                                           for n in res.notes)}
+    rc.save(settings, r)
     console.print(f"{'restarted' if res.restarted else 'started'} the {scope} unit {service.UNIT_NAME} "
                   f"({plan.spec.unit_path}); ready in {res.elapsed_s:.1f} s")
     for n in res.notes:
