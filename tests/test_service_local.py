@@ -162,3 +162,30 @@ def test_uninstall_purge_removes_our_models_only(tmp_path):
     assert not prefix.exists()  # nothing left behind in the prefix
     assert not paths["model"].exists() and not paths["partial"].exists()
     assert paths["mine"].exists()  # not ours: never deleted
+
+
+def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SPARK_SETUP_CONFIG": str(tmp_path / "none.toml"), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "spark_setup", *args], capture_output=True, text=True, env=env,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.skipif(service.systemd_booted(), reason="this host runs systemd as PID 1")
+def test_cli_serve_enable_refuses_without_systemd(tmp_path):
+    out = _cli("serve", "--enable", "--demo", "--prefix", str(tmp_path / "p"), tmp_path=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "systemd is not running as PID 1" in out.stderr and "spark-setup serve --foreground --demo" in out.stderr
+
+
+def test_cli_usage_errors_and_prompts(tmp_path):
+    p = str(tmp_path / "p")
+    out = _cli("install", "--system", "--user", "--prefix", p, tmp_path=tmp_path)
+    assert out.returncode == 2 and "contradict" in out.stderr
+    out = _cli("install", "--demo", "--with-mtp", "--prefix", p, tmp_path=tmp_path)
+    assert out.returncode == 2 and "MTP" in out.stderr
+    out = _cli("serve", "--enable", "--user", "--system", "--prefix", p, tmp_path=tmp_path)
+    assert out.returncode == 2
+    # uninstall asks first; without a terminal and without --yes it refuses and removes nothing
+    (tmp_path / "p" / "engine").mkdir(parents=True)
+    out = _cli("uninstall", "--prefix", p, tmp_path=tmp_path)
+    assert out.returncode == 1 and "--yes" in out.stderr and (tmp_path / "p" / "engine").is_dir()
