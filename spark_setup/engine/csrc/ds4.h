@@ -115,6 +115,13 @@ int ds4_session_truncate(ds4_session *s, int32_t n);
  * median GB/s (1e9 B/s): read counts bytes read, copy counts bytes read + written. */
 int ds4_bandwidth_probe(int backend, uint64_t bytes, int32_t iters, double *read_gbs, double *copy_gbs);
 
+/* ---- test entry points (stable enough for the test suite, not for clients) ----------------------- */
+/* The official model's numeric round-trips, exposed so tests can check them against an independent numpy
+ * implementation. kind: 0 nearest E4M3, 1 nearest E2M1, 2 nearest F16 (elementwise over n values);
+ * 3 KV row round-trip (the first n_aux values in FP8 blocks, then F16); 4 indexer round-trip (Hadamard + FP4 +
+ * F16; n a power of two >= 32). */
+int ds4_test_roundtrip(int kind, const float *x, int64_t n, int64_t n_aux, float *out);
+
 #ifdef __cplusplus
 }
 #endif
