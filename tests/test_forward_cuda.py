@@ -107,6 +107,9 @@ def test_cuda_matches_cpu_without_roundtrips(name):
     err = _rel_err(got, ref)
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
     _report(f"{name} roundtrip=off max rel err", float(err.max()))
+    bad = np.nonzero(err >= 1e-4)[0]
+    _report(f"{name} roundtrip=off first position over 1e-4", int(bad[0]) if len(bad) else None)
+    _report(f"{name} roundtrip=off rel err at positions 0..7", [float(e) for e in err[:8]])
     _report(f"{name} roundtrip=off argmax agreement", agree)
     assert err.max() < 1e-4, f"worst position {int(err.argmax())}: {err.max():.3g}"
     assert agree == 1.0

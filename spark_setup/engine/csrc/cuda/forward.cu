@@ -729,12 +729,21 @@ __global__ void swiglu_kernel(const float *gt, const float *up, int n, float lim
     }
 }
 
-// y = sum_k dn[k] * w[k] (k in ascending expert id) + shared.
-__global__ void moe_sum_kernel(const float *dn, const float *ewt, int K, int E, const float *shared, float *y) {
+// 16-18. y = sum_k dn[k] * w[k] (k in ascending expert id) + shared, then the HC post with y (as hc_post_kernel).
+__global__ void moe_sum_post_kernel(const float *dn, const float *ewt, int K, int E, const float *shared,
+                                    const float *hcw, float *H, int hc) {
+    const float *post = hcw + hc, *comb = hcw + 2 * hc;
     for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < E; d += gridDim.x * blockDim.x) {
         float acc = 0.0f;
         for (int k = 0; k < K; k++) acc += dn[(size_t)k * E + d] * ewt[k];
-        y[d] = acc + shared[d];
+        const float yd = acc + shared[d];
+        float h[kMaxHc];
+        for (int j = 0; j < hc; j++) h[j] = H[(size_t)j * E + d];
+        for (int k = 0; k < hc; k++) {
+            float a = 0.0f;
+            for (int j = 0; j < hc; j++) a += comb[j * hc + k] * h[j];
+            H[(size_t)k * E + d] = post[k] * yd + a;
+        }
     }
 }
 
@@ -986,7 +995,7 @@ public:
     float *H = nullptr, *hcw = nullptr, *a = nullptr, *qr = nullptr, *q = nullptr;
     float *kv = nullptr, *o = nullptr, *low = nullptr, *y = nullptr, *cc = nullptr, *cz = nullptr, *ic = nullptr;
     float *iz = nullptr, *qi = nullptr, *wi = nullptr, *scores = nullptr, *glog = nullptr, *ewt = nullptr;
-    float *gt = nullptr, *up = nullptr, *mb = nullptr, *dn = nullptr, *shg = nullptr, *shu = nullptr, *shm = nullptr;
+    float *gt = nullptr, *up = nullptr, *mb = nullptr, *dn = nullptr;
     float *ysh = nullptr, *z = nullptr, *logits = nullptr;
     int *sel = nullptr, *n_sel = nullptr, *eids = nullptr;
     size_t attn_smem_max = 0, idx_smem = 0;
@@ -1127,13 +1136,10 @@ void CudaSession::init() {
     glog = alloc<float>(NE);
     eids = alloc<int>(K);
     ewt = alloc<float>(K);
-    gt = alloc<float>((size_t)K * F);
-    up = alloc<float>((size_t)K * F);
-    mb = alloc<float>((size_t)K * F);
+    gt = alloc<float>((size_t)(K + 1) * F);  // routed experts 0..K-1, then the shared expert
+    up = alloc<float>((size_t)(K + 1) * F);
+    mb = alloc<float>((size_t)(K + 1) * F);
     dn = alloc<float>((size_t)K * E);
-    shg = alloc<float>(F);
-    shu = alloc<float>(F);
-    shm = alloc<float>(F);
     ysh = alloc<float>(E);
     z = alloc<float>(E);
     logits = alloc<float>(hp.n_vocab);
@@ -1319,8 +1325,10 @@ void CudaSession::enqueue_step(bool head, bool idx_active) {
             p.x_stride = 0;
             cuda_matvec_experts(w.gate_exps.type, p, s);
         }
+        // 17. shared expert gate/up into slot K, then one SwiGLU (same clamp) over routed + shared
+        mv2(C, w.gate_sh, w.up_sh, a, gt + (size_t)K * F, up + (size_t)K * F, s);
         const float lim = hp.swiglu_limit[l];
-        swiglu_kernel<<<(K * F + 255) / 256, 256, 0, s>>>(gt, up, K * F, lim, mb);
+        swiglu_kernel<<<((K + 1) * F + 255) / 256, 256, 0, s>>>(gt, up, (K + 1) * F, lim, mb);
         {
             ExpertMatvec p;
             p.W[0] = C.dev(w.down_exps);
@@ -1335,13 +1343,9 @@ void CudaSession::enqueue_step(bool head, bool idx_active) {
             p.x_stride = F;
             cuda_matvec_experts(w.down_exps.type, p, s);
         }
-        // 17. shared expert
-        mv2(C, w.gate_sh, w.up_sh, a, shg, shu, s);
-        swiglu_kernel<<<(F + 255) / 256, 256, 0, s>>>(shg, shu, F, lim, shm);
-        mv(C, w.down_sh, shm, ysh, s);
-        moe_sum_kernel<<<ew_grid, 256, 0, s>>>(dn, ewt, K, E, ysh, y);
-        // 18. HC post
-        hc_post_kernel<<<ew_grid, 256, 0, s>>>(hcw, y, H, E, hc);
+        mv(C, w.down_sh, mb + (size_t)K * F, ysh, s);
+        // 16-18. weighted routed sum + shared, HC post
+        moe_sum_post_kernel<<<ew_grid, 256, 0, s>>>(dn, ewt, K, E, ysh, hcw, H, hc);
     }
     if (!head) return;
     // 19. head
