@@ -628,17 +628,22 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
                 return json.dumps(c, ensure_ascii=False)
 
             async def gen():
+                # The role travels with the first generated text (after prefill), as llama-server and ds4 do, so a
+                # client's time to first chunk measures prefill, not HTTP latency (llama-benchy's ttfr/est_ppt).
+                role = {"role": "assistant"}
                 try:
-                    yield {"data": chunk({"role": "assistant", "content": ""})}
                     async for ev in _events(job, request, watch_disconnect=False):
                         if ev[0] == "delta":
                             key = "reasoning_content" if ev[1] == "reasoning" else "content"
-                            yield {"data": chunk({key: ev[2]})}
+                            yield {"data": chunk({**role, key: ev[2]})}
+                            role = {}
                         elif ev[0] == "error":
                             yield {"data": json.dumps({"error": {"message": ev[2], "type": "server_error",
                                                                  "param": None, "code": None}})}
                             return
                         elif ev[0] == "done":
+                            if role:  # nothing was generated: the role still comes first
+                                yield {"data": chunk({**role, "content": ""})}
                             yield {"data": chunk({}, finish=ev[1] if ev[1] != "cancelled" else "stop")}
                             if include_usage and ev[2]:
                                 yield {"data": chunk({}, usage=ev[2]["usage"], choices=False)}
