@@ -271,7 +271,19 @@ class Installer:
             raise _Skip(f"passed on {prev.get('at')} with this model and engine ({prev.get('answer', '')[:40]!r})")
         from .smoke import run_smoke
 
-        res = run_smoke(url=None, model=None if self.o.demo else self.model, demo=self.o.demo, settings=self.s)
+        # One model in memory at a time (an 81 GiB model twice does not fit a Spark): a running server of this
+        # install is stopped for the smoke test and started again afterwards (by the serve step when it runs).
+        running = service.service_state(self.s)
+        stopped = running.mode if running.mode != "none" and running.active_state in ("active", "activating") else None
+        if stopped:
+            service.stop(self.s)
+            self.notes.append(f"stopped the running server ({stopped}) for the smoke test: one model in memory "
+                              "at a time")
+        try:
+            res = run_smoke(url=None, model=None if self.o.demo else self.model, demo=self.o.demo, settings=self.s)
+        finally:
+            if stopped and not (self.o.start or self.o.demo):
+                self._restart(stopped)
         self.r["smoke"] = {"passed": bool(res.passed), "answer": res.answer, "ttft_s": res.ttft_s,
                            "tokens_per_s": res.tokens_per_s, "key": self._smoke_key(), "at": rc.now_iso()}
         if not res.passed:
@@ -281,6 +293,11 @@ class Installer:
                             "`spark-setup build --force`, then `spark-setup smoke`")
         tps = f", {res.tokens_per_s:.1f} tokens/s" if res.tokens_per_s else ""
         return f"answered {' '.join(str(res.answer).split())[:40]!r}{tps}"
+
+    def _restart(self, mode: str) -> None:
+        if mode in ("system", "user"):
+            service.Systemctl(mode).run("start", "--no-block", service.UNIT_NAME, check=False)  # type: ignore[arg-type]
+            self.notes.append(f"started the {mode} unit again")
 
     # ------------------------------------------------------------------ serve
     def _step_serve(self) -> str:

@@ -237,6 +237,20 @@ def test_install_demo_serves_through_the_unit_and_reruns_skip(box):
         assert m and float(m.group(1)) < 1.0, (step, again.stdout)
     assert box.show(UNIT, "MainPID")["MainPID"] == props["MainPID"]  # the same server, untouched
 
+    # A smoke test that must run again (here: its record dropped) first stops the running server (one model in
+    # memory at a time), then the serve step starts it again.
+    rpath = f"{prefix}/state/receipt.json"
+    rec = json.loads(box.run(["cat", rpath], check=True).stdout)
+    del rec["smoke"]
+    box.run([sys.executable, "-c", f"import json,sys; open({rpath!r},'w').write(sys.argv[1])", json.dumps(rec)],
+            check=True)
+    third = box.run([CLI, "install", "--demo", "--yes", "--prefix", str(prefix)], env=env, timeout=300)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert re.search(r"done smoke \(", third.stdout) and re.search(r"done serve \(", third.stdout), third.stdout
+    assert "stopped the running server (system) for the smoke test" in third.stdout
+    props = box.show(UNIT, "ActiveState", "MainPID")
+    assert props["ActiveState"] == "active" and box.http_status(URL + "/health") == 200
+
     un = box.run([CLI, "uninstall", "--purge", "--yes", "--prefix", str(prefix)], env=env, timeout=300)
     assert un.returncode == 0, un.stdout + un.stderr
     assert box.show(UNIT, "LoadState")["LoadState"] == "not-found"
