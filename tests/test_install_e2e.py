@@ -207,8 +207,8 @@ def test_failing_smoke_stops_the_chain_before_serve(tmp_path, engine_build, monk
                         "--start", env=env)
     steps = _steps(out.stdout)
     assert out.returncode == 1, out.stdout + out.stderr
-    assert steps["doctor"][0] == "done" and steps["download"][0] == "skipped" and steps["build"][0] == "skipped", \
-        out.stdout
+    assert steps["doctor"][0] == "done" and steps["download"][0] == "skipped", out.stdout
+    assert steps["build"][0] in ("skipped", "done"), out.stdout  # done only when the engine sources just changed
     assert steps["smoke"][0] == "failed" and steps["serve"][0] == "not run", out.stdout
     assert "no 'Paris'" in out.stdout and "fix:" in out.stdout
     assert service.port_owner(port) is None  # nothing serves
