@@ -173,9 +173,22 @@ def unit_spec(settings: Settings, *, scope: Scope, model: Path, mtp: Path | None
     return UnitSpec(scope=scope, exec_path=exec_path, model_path=model, mtp_path=mtp, host=settings.host,
                     port=settings.port, prefix=settings.prefix, models_dir=settings.models_dir,
                     state_dir=service_state_dir(settings), engine_lib=engine_lib,
-                    user=user if scope == "system" else None, group=user if scope == "system" else None,
+                    user=user if scope == "system" else None,
+                    group=_primary_group(user) if scope == "system" else None,
                     unit_path=unit_path, env_path=env_path, model_bytes=model_bytes, mtp_flag=mtp_flag,
                     extra_env=tuple(extra_env))
+
+
+def _primary_group(user: str | None) -> str | None:
+    """The user's primary group (the dedicated user, created with --user-group, gets its own name)."""
+    if user is None:
+        return None
+    try:
+        import grp
+
+        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    except (KeyError, ImportError):
+        return user
 
 
 def _python_home() -> Path:
@@ -198,7 +211,8 @@ def render_units(spec: UnitSpec, python_home: Path | None = None) -> dict[Path, 
     loopback = spec.host in ("127.0.0.1", "localhost", "::1")
     ctx = dict(asdict(spec), with_mtp=spec.with_mtp, unit_name=UNIT_NAME, env_file=spec.env_path,
                timeout_start_sec=timeout, timeout_reason=timeout_reason, protect_home=ph,
-               protect_home_reason=ph_reason, private_tmp=pt, private_tmp_reason=pt_reason, loopback_only=loopback, start_limit_interval=START_LIMIT_INTERVAL_S,
+               protect_home_reason=ph_reason, private_tmp=pt, private_tmp_reason=pt_reason,
+               loopback_only=loopback, start_limit_interval=START_LIMIT_INTERVAL_S,
                start_limit_burst=START_LIMIT_BURST)
     env = _env()
     unit = env.get_template("spark-setup.service.j2").render(**ctx)
