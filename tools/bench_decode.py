@@ -91,7 +91,8 @@ def main(argv=None) -> int:
 
     lib = _lib.load()
     contexts = [int(c) for c in args.contexts.split(",")]
-    res: dict = {"model": str(args.model), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    res: dict = {"prefill_batch": int(os.environ.get("DS4_CUDA_PREFILL_BATCH", "1") or 1),
+                 "model": str(args.model), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "version": lib.ds4_version_string().decode(), "rows": []}
 
     rd, cp = ctypes.c_double(), ctypes.c_double()
@@ -184,8 +185,9 @@ def main(argv=None) -> int:
         head = [f"# DS4 decode on {gpu_name()} (CUDA engine, synthetic Q2 weights)", "",
                 f"Measured {res['date']} by `python3 tools/bench_decode.py {' '.join(sys.argv[1:])}` (run by "
                 "`tools/gpu_model_check.sh`). Weights: tools/synthetic_q2_gguf.py (the real Q2 layout, random tame "
-                "values), loaded into GPU memory. Prefill runs token by token through the decode step (no batched "
-                "prefill yet). Decode t/s = (tokens - 1) / (last - first token time), greedy, logits copied to the "
+                "values), loaded into GPU memory. Prefill: steps of "
+                f"{res['prefill_batch']} token(s) (DS4_CUDA_PREFILL_BATCH; 1 = token by token through the decode "
+                "step). Decode t/s = (tokens - 1) / (last - first token time), greedy, logits copied to the "
                 "host every token. Roofline = pure-read bandwidth / bytes read per token (ds4-model-facts G, F32 KV "
                 "rows). ds4 columns: platform-facts section 8 (same synthetic file, same GPU kind).", ""]
         if res.get("skipped"):

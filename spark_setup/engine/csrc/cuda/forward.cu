@@ -49,6 +49,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kMaxHc = 8;           // hyper-connection streams supported by the small HC kernels
 constexpr int kMaxLaneVals = 16;    // attention: head_dim / 32 values per lane (head_dim <= 512)
 constexpr int kAttnWarps = 8;
+constexpr int kHcwLd = 2 * kMaxHc + kMaxHc * kMaxHc;  // floats of one token's HC weights [pre | post | comb]
+constexpr int kMaxBatch = 16;  // tokens per batched prefill step
 
 double gib(uint64_t b) { return (double)b / (1024.0 * 1024.0 * 1024.0); }
 
@@ -213,8 +215,12 @@ __device__ __forceinline__ float softplus_d(float x) { return x > 20.0f ? x : lo
 // ---- kernels ---------------------------------------------------------------------------------------------------
 
 // 0. x = token_embd[tok] into every HC stream.
+// Batched kernels: token t of a step is blockIdx.y (or blockIdx.x for one-block-per-token kernels); its step
+// record is st[t] and its buffers are at t * (per-token size).
 __global__ void embed_kernel(const uint8_t *W, int type, int E, int hc, const Step *st, float *H) {
-    const int64_t tok = st->tok;
+    const int t = blockIdx.y;
+    H += (size_t)t * hc * E;
+    const int64_t tok = st[t].tok;
     for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < E; d += gridDim.x * blockDim.x) {
         float v;
         if (type == DS4_TYPE_F32) {
@@ -239,6 +245,9 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const void *
     __shared__ float red[kHcThreads / 32][32];
     __shared__ double red_ss[kHcThreads / 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    H += (size_t)blockIdx.y * n;
+    part += (size_t)blockIdx.y * gridDim.x * rows;
+    ss += (size_t)blockIdx.y * gridDim.x;
     const int c = blockIdx.x * kHcChunk + threadIdx.x;
     const float hv = c < n ? H[c] : 0.0f;
     double sq = (double)hv * (double)hv;
@@ -311,6 +320,12 @@ __global__ void hc_pre_kernel(const float *part, const double *ss, int n_chunks,
     __shared__ float C[kMaxHc * kMaxHc];
     __shared__ float pre[kMaxHc];
     const int mixn = (2 + hc) * hc;
+    const int t = blockIdx.x;
+    part += (size_t)t * n_chunks * mixn;
+    ss += (size_t)t * n_chunks;
+    H += (size_t)t * hc * E;
+    hcw += (size_t)t * kHcwLd;
+    out += (size_t)t * E;
     hc_mix_finish(part, ss, n_chunks, mixn, hc * E, rms_eps, m);
     if (threadIdx.x < 32) {
         const int lane = threadIdx.x, nn = hc * hc;
@@ -375,6 +390,9 @@ __global__ void hc_pre_kernel(const float *part, const double *ss, int n_chunks,
 
 // 13/18. HC post: H'_k = post_k y + sum_j comb[j][k] H_j.
 __global__ void hc_post_kernel(const float *hcw, const float *y, float *H, int E, int hc) {
+    hcw += (size_t)blockIdx.y * kHcwLd;
+    y += (size_t)blockIdx.y * E;
+    H += (size_t)blockIdx.y * hc * E;
     const float *post = hcw + hc, *comb = hcw + 2 * hc;
     for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < E; d += gridDim.x * blockDim.x) {
         float h[kMaxHc];
@@ -388,9 +406,11 @@ __global__ void hc_post_kernel(const float *hcw, const float *y, float *H, int E
     }
 }
 
-// Per-row RMS with an optional weight and an optional RoPE at the step position (block per row, in place).
+// Per-row RMS with an optional weight and an optional RoPE at the position of the row's token (block per row,
+// rows_per_tok consecutive rows per token, in place).
 __global__ void rows_rms_rope_kernel(float *x, int dim, const float *w, float eps, int n_rot, const float *inv_freq,
-                                     const Step *st) {
+                                     const Step *st, int rows_per_tok) {
+    st += blockIdx.x / rows_per_tok;
     extern __shared__ float s[];
     float *row = x + (size_t)blockIdx.x * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) s[i] = row[i];
@@ -401,76 +421,88 @@ __global__ void rows_rms_rope_kernel(float *x, int dim, const float *w, float ep
 }
 
 // 4-6. kv = RMS(kv) * kv_norm, RoPE at pos, round-trip, append to the raw window slot pos % window.
+// The raw rows live in a ring of ring_rows >= window slots (position p at slot p % ring_rows), so a batched step
+// can append all its tokens before their attention reads the last `window` positions of each.
 __global__ void kv_kernel(const float *kv, int hd, const float *w, float eps, int n_rot, const float *inv_freq,
-                          const Step *st, int roundtrip, int window, float *ring) {
+                          const Step *st, int roundtrip, int ring_rows, float *ring) {
     extern __shared__ float s[];
+    kv += (size_t)blockIdx.x * hd;
+    st += blockIdx.x;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) s[i] = kv[i];
     __syncthreads();
     block_rms(s, hd, w, eps);
     block_rope(s, hd, n_rot, inv_freq, st->pos, false);
     if (roundtrip) block_kv_roundtrip(s, hd, hd - n_rot);
-    float *dst = ring + (size_t)(st->pos % window) * hd;
+    float *dst = ring + (size_t)(st->pos % ring_rows) * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = s[i];
 }
 
-// 7/8. One compressor step: store (c, z + ape[slot]) in the state; when the window closes pool it (softmax of the
-// scores per column), RMS * norm, RoPE (compress settings) at pos + 1 - r, round-trip (1: KV FP8, 2: indexer
-// Hadamard+FP4), and write compressed row pos / r. csa: rows [0,r) previous window, [r,2r) current; width 2*head.
-__global__ void compressor_kernel(const float *c, const float *z, const float *ape, int ratio, int csa, int head,
-                                  const Step *st, float *kv_state, float *sc_state, const float *norm_w, float eps,
-                                  int n_rot, const float *inv_freq, int roundtrip, float *rows_out) {
+// 7/8. Compressor steps of n_tok consecutive tokens, in position order (one block): store (c, z + ape[slot]) in
+// the state; when a window closes pool it (softmax of the scores per column), RMS * norm, RoPE (compress settings)
+// at pos + 1 - r, round-trip (1: KV FP8, 2: indexer Hadamard+FP4), and write compressed row pos / r. csa: rows
+// [0,r) previous window, [r,2r) current; width 2*head. Token t's inputs are c + t * c_ld, z + t * c_ld.
+__global__ void compressor_kernel(const float *c, const float *z, int c_ld, int n_tok, const float *ape, int ratio,
+                                  int csa, int head, const Step *st, float *kv_state, float *sc_state,
+                                  const float *norm_w, float eps, int n_rot, const float *inv_freq, int roundtrip,
+                                  float *rows_out) {
     extern __shared__ float s[];
-    const int64_t p = st->pos;
     const int width = (csa ? 2 : 1) * head;
-    const int slot = (int)(p % ratio);
-    const int row = csa ? ratio + slot : slot;
-    for (int j = threadIdx.x; j < width; j += blockDim.x) {
-        kv_state[(size_t)row * width + j] = c[j];
-        sc_state[(size_t)row * width + j] = z[j] + ape[(size_t)slot * width + j];
-    }
-    if ((p + 1) % ratio != 0) return;
-    __syncthreads();
     const int n_slots = csa ? 2 * ratio : ratio;
-    for (int j = threadIdx.x; j < head; j += blockDim.x) {
-        float mx = -INFINITY;
-        for (int q = 0; q < n_slots; q++) {
-            const int col = (csa && q >= ratio) ? head + j : j;
-            mx = fmaxf(mx, sc_state[(size_t)q * width + col]);
+    for (int t = 0; t < n_tok; t++) {
+        const int64_t p = st[t].pos;
+        const float *ct = c + (size_t)t * c_ld, *zt = z + (size_t)t * c_ld;
+        const int slot = (int)(p % ratio);
+        const int row = csa ? ratio + slot : slot;
+        for (int j = threadIdx.x; j < width; j += blockDim.x) {
+            kv_state[(size_t)row * width + j] = ct[j];
+            sc_state[(size_t)row * width + j] = zt[j] + ape[(size_t)slot * width + j];
         }
-        float acc = 0.0f;
-        if (isfinite(mx)) {
-            double sum = 0.0;
+        if ((p + 1) % ratio != 0) continue;  // uniform over the block
+        __syncthreads();
+        for (int j = threadIdx.x; j < head; j += blockDim.x) {
+            float mx = -INFINITY;
             for (int q = 0; q < n_slots; q++) {
                 const int col = (csa && q >= ratio) ? head + j : j;
-                sum += expf(sc_state[(size_t)q * width + col] - mx);
+                mx = fmaxf(mx, sc_state[(size_t)q * width + col]);
             }
-            const float inv = (float)(1.0 / sum);
-            for (int q = 0; q < n_slots; q++) {
-                const int col = (csa && q >= ratio) ? head + j : j;
-                const float wt = expf(sc_state[(size_t)q * width + col] - mx) * inv;
-                if (wt != 0.0f) acc += wt * kv_state[(size_t)q * width + col];
+            float acc = 0.0f;
+            if (isfinite(mx)) {
+                double sum = 0.0;
+                for (int q = 0; q < n_slots; q++) {
+                    const int col = (csa && q >= ratio) ? head + j : j;
+                    sum += expf(sc_state[(size_t)q * width + col] - mx);
+                }
+                const float inv = (float)(1.0 / sum);
+                for (int q = 0; q < n_slots; q++) {
+                    const int col = (csa && q >= ratio) ? head + j : j;
+                    const float wt = expf(sc_state[(size_t)q * width + col] - mx) * inv;
+                    if (wt != 0.0f) acc += wt * kv_state[(size_t)q * width + col];
+                }
+            }
+            s[j] = acc;
+        }
+        __syncthreads();
+        block_rms(s, head, norm_w, eps);
+        block_rope(s, head, n_rot, inv_freq, p + 1 - ratio, false);
+        if (roundtrip == 1) block_kv_roundtrip(s, head, head - n_rot);
+        if (roundtrip == 2) block_indexer_roundtrip(s, head);
+        float *dst = rows_out + (size_t)(p / ratio) * head;
+        for (int j = threadIdx.x; j < head; j += blockDim.x) dst[j] = s[j];
+        if (csa) {  // the current window becomes the previous one
+            for (int i = threadIdx.x; i < ratio * width; i += blockDim.x) {
+                kv_state[i] = kv_state[(size_t)ratio * width + i];
+                sc_state[i] = sc_state[(size_t)ratio * width + i];
             }
         }
-        s[j] = acc;
-    }
-    __syncthreads();
-    block_rms(s, head, norm_w, eps);
-    block_rope(s, head, n_rot, inv_freq, p + 1 - ratio, false);
-    if (roundtrip == 1) block_kv_roundtrip(s, head, head - n_rot);
-    if (roundtrip == 2) block_indexer_roundtrip(s, head);
-    float *dst = rows_out + (size_t)(p / ratio) * head;
-    for (int j = threadIdx.x; j < head; j += blockDim.x) dst[j] = s[j];
-    if (csa) {  // the current window becomes the previous one
-        for (int i = threadIdx.x; i < ratio * width; i += blockDim.x) {
-            kv_state[i] = kv_state[(size_t)ratio * width + i];
-            sc_state[i] = sc_state[(size_t)ratio * width + i];
-        }
+        __syncthreads();  // before the next token's store
     }
 }
 
 // 9a. indexer queries: RoPE (compress settings) at pos, round-trip; block per head, in place.
-__global__ void idx_q_kernel(float *qi, int dim, int n_rot, const float *inv_freq, const Step *st, int roundtrip) {
+__global__ void idx_q_kernel(float *qi, int dim, int n_rot, const float *inv_freq, const Step *st, int roundtrip,
+                             int rows_per_tok) {
     extern __shared__ float s[];
+    st += blockIdx.x / rows_per_tok;
     float *row = qi + (size_t)blockIdx.x * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) s[i] = row[i];
     __syncthreads();
@@ -481,8 +513,12 @@ __global__ void idx_q_kernel(float *qi, int dim, int n_rot, const float *inv_fre
 
 // 9b. score_c = sum_h (relu(qI_h . kI_c) * s_scale) * (w_h * w_scale) for c < (pos+1)/r; warp per row.
 __global__ void idx_score_kernel(const float *qi, const float *wi, const float *krows, int IH, int ID, int ratio,
-                                 float s_scale, float w_scale, const Step *st, float *scores) {
+                                 float s_scale, float w_scale, const Step *st, float *scores, int scores_ld) {
     extern __shared__ float qs[];  // IH x (ID + 1)
+    qi += (size_t)blockIdx.y * IH * ID;
+    wi += (size_t)blockIdx.y * IH;
+    st += blockIdx.y;
+    scores += (size_t)blockIdx.y * scores_ld;
     for (int i = threadIdx.x; i < IH * ID; i += blockDim.x) qs[(i / ID) * (ID + 1) + i % ID] = qi[i];
     __syncthreads();
     const int n_comp = (st->pos + 1) / ratio;
@@ -513,8 +549,12 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 // kTopkThreads. n <= k: every row. Radix select of the k-th largest key (8 bits a pass, warp-aggregated histogram
 // atomics), then each thread takes a contiguous segment: counts, two block scans, an ordered write.
 constexpr int kTopkThreads = 1024;
-__global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float *scores, int ratio, int k, const Step *st,
-                                                            int *sel, int *n_sel) {
+__global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float *scores, int scores_ld, int ratio, int k,
+                                                            const Step *st, int *sel, int *n_sel) {
+    scores += (size_t)blockIdx.x * scores_ld;
+    st += blockIdx.x;
+    sel += (size_t)blockIdx.x * k;
+    n_sel += blockIdx.x;
     using Scan = cub::BlockScan<int, kTopkThreads>;
     __shared__ typename Scan::TempStorage scan_tmp;
     __shared__ int hist[256];
@@ -587,10 +627,18 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float *scores,
 // Warps take rows round-robin; lane l holds dims l, l+32, ... of the query and of its partial output.
 __global__ void __launch_bounds__(32 * kAttnWarps)
     attention_kernel(const float *q, const float *ring, const float *comp, const int *sel, const int *n_sel,
-                     int use_sel, int ratio, int window, int hd, int n_rot, const float *sinks, const float *inv_freq,
-                     float scale, const Step *st, float *o) {
-    extern __shared__ float sm[];  // probs[max_rows] | out partials [kAttnWarps][hd]
+                     int use_sel, int sel_ld, int ratio, int window, int ring_rows, int hd, int n_rot,
+                     const float *sinks, const float *inv_freq, float scale, const Step *st, float *o) {
+    extern __shared__ float sm[];  // probs[max_rows] | out partials [kAttnWarps][hd] | out [hd]
     const int h = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    {
+        const int t = blockIdx.y;
+        q += (size_t)t * gridDim.x * hd;
+        o += (size_t)t * gridDim.x * hd;
+        st += t;
+        sel += (size_t)t * sel_ld;
+        n_sel += t;
+    }
     const int64_t p = st->pos;
     const int64_t w0 = p - window + 1 > 0 ? p - window + 1 : 0;
     const int n_raw = (int)(p - w0 + 1);
@@ -606,7 +654,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
 #pragma unroll
     for (int j = 0; j < kMaxLaneVals; j++) qv[j] = j < nj ? qh[lane + 32 * j] : 0.0f;
     auto row_ptr = [&](int i) -> const float * {
-        if (i < n_raw) return ring + (size_t)((w0 + i) % window) * hd;
+        if (i < n_raw) return ring + (size_t)((w0 + i) % ring_rows) * hd;
         const int c = use_sel ? sel[i - n_raw] : i - n_raw;
         return comp + (size_t)c * hd;
     };
@@ -662,6 +710,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
 __global__ void router_kernel(const float *g, int NE, int K, const float *bias, const int32_t *tid2eid,
                               const Step *st, float scale, int floor_sum, int *eids, float *ewt) {
     extern __shared__ float sr[];  // s[NE] | biased[NE]
+    g += (size_t)blockIdx.x * NE;
+    st += blockIdx.x;
+    eids += (size_t)blockIdx.x * K;
+    ewt += (size_t)blockIdx.x * K;
     float *s = sr, *bsd = sr + NE;
     for (int e = threadIdx.x; e < NE; e += blockDim.x) {
         s[e] = sqrtf(softplus_d(g[e]));
@@ -762,6 +814,104 @@ __global__ void head_kernel(const float *part, const double *ss, int n_chunks, c
     __syncthreads();
     block_rms(zs, E, norm_w, rms_eps);
     for (int d = threadIdx.x; d < E; d += blockDim.x) z[d] = zs[d];
+}
+
+// Batched matvec for prefill steps: Y[b * y_ld + r] = W[r] . X[b * x_ld + xoff(r) ...] for b < nb, r < n_rows,
+// where xoff(r) = (r / rpg) * xgs (the grouped output projection; rpg = n_rows, xgs = 0 otherwise). Each weight is
+// read once per step and used for nb tokens: a block covers kMmRows rows (kMmRowsPerWarp per warp), the nb input
+// vectors are staged in shared memory kMmTile columns at a time, lane l handles columns 8l..8l+7 of the tile.
+// F32, F16 and Q8_0 (the always-on DS4 weights); other types go through the per-token matvec.
+constexpr int kMmWarps = 4, kMmRowsPerWarp = 4, kMmRows = kMmWarps * kMmRowsPerWarp, kMmTile = 256;
+
+template <int T>
+__device__ __forceinline__ void load8(const uint8_t *row, int c, float (&w)[8]) {
+    if (T == DS4_TYPE_F32) {
+        const float4 a = *reinterpret_cast<const float4 *>(row + 4 * (size_t)c);
+        const float4 b = *reinterpret_cast<const float4 *>(row + 4 * (size_t)c + 16);
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+        w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+    } else if (T == DS4_TYPE_F16) {
+        const uint4 u = *reinterpret_cast<const uint4 *>(row + 2 * (size_t)c);
+        const uint32_t ws[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            w[2 * i] = __half2float(__ushort_as_half((unsigned short)(ws[i] & 0xffff)));
+            w[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(ws[i] >> 16)));
+        }
+    } else {  // Q8_0: 34-byte blocks (f16 scale + 32 int8)
+        const uint8_t *bp = row + 34 * (size_t)(c / 32);
+        const float d = __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short *>(bp)));
+        const unsigned short *q = reinterpret_cast<const unsigned short *>(bp + 2 + (c % 32));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned short v = q[i];
+            w[2 * i] = d * (float)(int8_t)(v & 0xff);
+            w[2 * i + 1] = d * (float)(int8_t)(v >> 8);
+        }
+    }
+}
+
+template <int T>
+__global__ void __launch_bounds__(32 * kMmWarps)
+    mm_kernel(const uint8_t *W, size_t rb, int n_rows, int n_cols, const float *X, int64_t x_ld, float *Y,
+              int64_t y_ld, int nb, int rpg, int64_t xgs) {
+    __shared__ __align__(16) float xs[kMaxBatch][kMmTile];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int r0 = blockIdx.x * kMmRows; r0 < n_rows; r0 += gridDim.x * kMmRows) {
+        const int64_t xoff = (int64_t)(r0 / rpg) * xgs;
+        float acc[kMmRowsPerWarp][kMaxBatch];
+#pragma unroll
+        for (int r = 0; r < kMmRowsPerWarp; r++)
+#pragma unroll
+            for (int b = 0; b < kMaxBatch; b++) acc[r][b] = 0.0f;
+        for (int c0 = 0; c0 < n_cols; c0 += kMmTile) {
+            const int tc = min(kMmTile, n_cols - c0);
+            __syncthreads();
+            for (int i = threadIdx.x; i < kMaxBatch * kMmTile; i += blockDim.x) {
+                const int b = i / kMmTile, j = i % kMmTile;
+                xs[b][j] = (b < nb && j < tc) ? X[b * x_ld + xoff + c0 + j] : 0.0f;
+            }
+            __syncthreads();
+            const int j0 = 8 * lane;
+            if (j0 < tc) {
+#pragma unroll
+                for (int r = 0; r < kMmRowsPerWarp; r++) {
+                    const int row = r0 + warp * kMmRowsPerWarp + r;
+                    if (row >= n_rows) continue;
+                    float w[8];
+                    load8<T>(W + (size_t)row * rb, c0 + j0, w);
+#pragma unroll
+                    for (int b = 0; b < kMaxBatch; b++) {
+                        if (b < nb) {
+                            const float4 x0 = *reinterpret_cast<const float4 *>(&xs[b][j0]);
+                            const float4 x1 = *reinterpret_cast<const float4 *>(&xs[b][j0 + 4]);
+                            float a = acc[r][b];
+                            a = fmaf(w[0], x0.x, a);
+                            a = fmaf(w[1], x0.y, a);
+                            a = fmaf(w[2], x0.z, a);
+                            a = fmaf(w[3], x0.w, a);
+                            a = fmaf(w[4], x1.x, a);
+                            a = fmaf(w[5], x1.y, a);
+                            a = fmaf(w[6], x1.z, a);
+                            a = fmaf(w[7], x1.w, a);
+                            acc[r][b] = a;
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < kMmRowsPerWarp; r++) {
+            const int row = r0 + warp * kMmRowsPerWarp + r;
+#pragma unroll
+            for (int b = 0; b < kMaxBatch; b++) {
+                if (b < nb) {  // uniform: every lane reduces
+                    const float v = warp_sum_t(acc[r][b]);
+                    if (lane == 0 && row < n_rows) Y[b * y_ld + row] = v;
+                }
+            }
+        }
+    }
 }
 
 // MemAvailable of /proc/meminfo in bytes (0 if unreadable).
@@ -971,8 +1121,12 @@ public:
     std::vector<int32_t> tokens;
     cudaStream_t stream = nullptr;
     bool use_graphs = true;
-    cudaGraphExec_t graphs[4] = {nullptr, nullptr, nullptr, nullptr};
-    bool seen[4] = {false, false, false, false};
+    int bmax = 1;          // tokens per prefill step (DS4_CUDA_PREFILL_BATCH, 1 = token by token)
+    int ring_rows = 0;     // raw-window ring slots: window + bmax - 1
+    int sm_count = 0;
+    // graph keys: 0..3 = one token (head?, indexer?), 4..5 = a full prefill batch without head (indexer?)
+    cudaGraphExec_t graphs[6] = {};
+    bool seen[6] = {};
 
     // device memory
     std::vector<void *> allocs;
@@ -988,17 +1142,18 @@ public:
     };
     std::vector<LayerDev> L;
 
-    Step *d_step = nullptr;
+    // scratch: every per-token buffer has bmax rows (a step of nb tokens uses rows 0..nb-1)
+    Step *d_steps = nullptr;
     float *hc_part = nullptr;
     double *hc_ss = nullptr;
-    int hc_chunks = 0;
+    int hc_chunks = 0, scores_ld = 0;
     float *H = nullptr, *hcw = nullptr, *a = nullptr, *qr = nullptr, *q = nullptr;
     float *kv = nullptr, *o = nullptr, *low = nullptr, *y = nullptr, *cc = nullptr, *cz = nullptr, *ic = nullptr;
     float *iz = nullptr, *qi = nullptr, *wi = nullptr, *scores = nullptr, *glog = nullptr, *ewt = nullptr;
-    float *gt = nullptr, *up = nullptr, *mb = nullptr, *dn = nullptr;
+    float *gt = nullptr, *up = nullptr, *mb = nullptr, *dn = nullptr;  // one token at a time
     float *ysh = nullptr, *z = nullptr, *logits = nullptr;
     int *sel = nullptr, *n_sel = nullptr, *eids = nullptr;
-    size_t attn_smem_max = 0, idx_smem = 0;
+    size_t idx_smem = 0;
 
     ~CudaSession() {
         for (auto &g : graphs)
@@ -1017,8 +1172,11 @@ public:
     }
 
     void init();
-    void enqueue_step(bool head, bool idx_active);
-    void run_token(int32_t tok, bool head, float *logits_out);
+    void enqueue_step(int nb, bool idx_active);
+    void enqueue_head(int t);
+    void mm(const Tensor &w, const float *X, int64_t x_ld, float *Y, int64_t y_ld, int nb, int64_t rpg = 0,
+            int64_t xgs = 0);
+    void run_step(const int32_t *toks, int nb, bool head, float *logits_out);
     void reset_state();
 };
 
@@ -1029,6 +1187,11 @@ void CudaSession::init() {
     const int E = hp.n_embd, hc = hp.hc_mult, D = hp.n_head, hd = hp.head_dim;
     FW_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     use_graphs = env_int("DS4_CUDA_GRAPHS", 1) != 0;
+    bmax = std::max(1, std::min(kMaxBatch, env_int("DS4_CUDA_PREFILL_BATCH", 1)));
+    ring_rows = hp.window + bmax - 1;
+    int dev = 0;
+    FW_CHECK(cudaGetDevice(&dev));
+    FW_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev));
 
     // ---- overwritten state: one arena, with its initial image (rings 0, compressor values 0, scores -inf) ----
     std::vector<float> init_img;
@@ -1045,7 +1208,7 @@ void CudaSession::init() {
         const LayerWeights &w = M->layers[l];
         Off &of = offs[l];
         of = {0, SIZE_MAX, SIZE_MAX, SIZE_MAX, SIZE_MAX};
-        of.ring = take((size_t)hp.window * hd, 0.0f);
+        of.ring = take((size_t)ring_rows * hd, 0.0f);
         if (w.ratio) {
             const int slots = w.csa ? 2 * w.ratio : w.ratio;
             const int width = (w.csa ? 2 : 1) * hd;
@@ -1070,7 +1233,9 @@ void CudaSession::init() {
         const size_t n_rows = (size_t)(max_ctx / w.ratio) + 1;
         rows_floats += n_rows * hd + (w.csa ? n_rows * hp.idx_dim : 0);
     }
-    const uint64_t need = (rows_floats + state_floats * (2 + (uint64_t)n_ckpt)) * 4 + (64ull << 20);
+    scores_ld = (int)(((size_t)max_ctx / std::max(1, hp.csa_ratio) + 4) & ~(size_t)3);
+    const uint64_t need = (rows_floats + state_floats * (2 + (uint64_t)n_ckpt) + (uint64_t)bmax * scores_ld) * 4 +
+                          (64ull << 20);
     size_t free_b = 0, total_b = 0;
     FW_CHECK(cudaMemGetInfo(&free_b, &total_b));
     if (free_b < need)
@@ -1106,36 +1271,37 @@ void CudaSession::init() {
     // ---- scratch ----
     const int QR = hp.q_lora_rank, G = hp.o_groups, OR = hp.o_lora_rank, IH = hp.idx_heads, ID = hp.idx_dim;
     const int NE = hp.n_expert, K = hp.n_expert_used, F = hp.n_ff;
+    const size_t B = bmax;
     int max_comp = 0;  // most compressed rows any layer can see
     for (int l = 0; l < hp.n_layer; l++) {
         const LayerWeights &w = M->layers[l];
         if (w.ratio) max_comp = std::max(max_comp, w.csa ? std::min(max_ctx / w.ratio, hp.idx_topk) : max_ctx / w.ratio);
     }
-    d_step = alloc<Step>(1);
+    d_steps = alloc<Step>(B);
     hc_chunks = (hc * E + kHcChunk - 1) / kHcChunk;
-    hc_part = alloc<float>((size_t)hc_chunks * hp.hc_mix());
-    hc_ss = alloc<double>(hc_chunks);
-    H = alloc<float>((size_t)hc * E);
-    hcw = alloc<float>(64 + hc * hc);
-    a = alloc<float>(E);
-    qr = alloc<float>(QR);
-    q = alloc<float>((size_t)D * hd);
-    kv = alloc<float>(hd);
-    o = alloc<float>((size_t)D * hd);
-    low = alloc<float>((size_t)G * OR);
-    y = alloc<float>(E);
-    cc = alloc<float>(2 * hd);
-    cz = alloc<float>(2 * hd);
-    ic = alloc<float>(2 * ID);
-    iz = alloc<float>(2 * ID);
-    qi = alloc<float>((size_t)IH * ID);
-    wi = alloc<float>(IH);
-    scores = alloc<float>((size_t)max_ctx / std::max(1, hp.csa_ratio) + 1);
-    sel = alloc<int>(hp.idx_topk);
-    n_sel = alloc<int>(1);
-    glog = alloc<float>(NE);
-    eids = alloc<int>(K);
-    ewt = alloc<float>(K);
+    hc_part = alloc<float>(B * hc_chunks * hp.hc_mix());
+    hc_ss = alloc<double>(B * hc_chunks);
+    H = alloc<float>(B * hc * E);
+    hcw = alloc<float>(B * kHcwLd);
+    a = alloc<float>(B * E);
+    qr = alloc<float>(B * QR);
+    q = alloc<float>(B * D * hd);
+    kv = alloc<float>(B * hd);
+    o = alloc<float>(B * D * hd);
+    low = alloc<float>(B * G * OR);
+    y = alloc<float>(B * E);
+    cc = alloc<float>(B * 2 * hd);
+    cz = alloc<float>(B * 2 * hd);
+    ic = alloc<float>(B * 2 * ID);
+    iz = alloc<float>(B * 2 * ID);
+    qi = alloc<float>(B * IH * ID);
+    wi = alloc<float>(B * IH);
+    scores = alloc<float>(B * scores_ld);
+    sel = alloc<int>(B * hp.idx_topk);
+    n_sel = alloc<int>(B);
+    glog = alloc<float>(B * NE);
+    eids = alloc<int>(B * K);
+    ewt = alloc<float>(B * K);
     gt = alloc<float>((size_t)(K + 1) * F);  // routed experts 0..K-1, then the shared expert
     up = alloc<float>((size_t)(K + 1) * F);
     mb = alloc<float>((size_t)(K + 1) * F);
@@ -1145,7 +1311,7 @@ void CudaSession::init() {
     logits = alloc<float>(hp.n_vocab);
 
     const int max_rows = hp.window + max_comp;
-    attn_smem_max = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
+    const size_t attn_smem_max = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
     idx_smem = (size_t)IH * (ID + 1) * 4;
     if (attn_smem_max > 48 * 1024)
         FW_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)attn_smem_max));
@@ -1194,31 +1360,86 @@ void mv2(const CudaModel &cm, const Tensor &wa, const Tensor &wb, const float *x
     cuda_matvec_experts(wa.type, p, s);
 }
 
-// partial HC mix of fn (rows x n) with H (see hc_mix_partial_kernel)
-void hc_mix(const CudaModel &cm, const Tensor &fn, const float *H, int n_chunks, float *part, double *ss,
+// Grouped matvec of one token: rows [g * rpg, (g+1) * rpg) of w take x + g * xgs (one launch).
+void mv_grouped(const CudaModel &cm, const Tensor &w, const float *x, float *y, int64_t rpg, int64_t xgs,
+                cudaStream_t s) {
+    ExpertMatvec p;
+    p.W[0] = cm.dev(w);
+    p.y[0] = y;
+    p.n_mats = 1;
+    p.expert_stride = rpg * (int64_t)row_bytes(w.type, w.ne[0]);
+    p.n_rows = rpg;
+    p.n_cols = w.ne[0];
+    p.ids = cm.d_group_ids;
+    p.n_ids = (int)(w.ne[1] / rpg);
+    p.x = x;
+    p.x_stride = xgs;
+    cuda_matvec_experts(w.type, p, s);
+}
+
+// partial HC mix of fn (rows x n) with nb token states H (see hc_mix_partial_kernel)
+void hc_mix(const CudaModel &cm, const Tensor &fn, const float *H, int n_chunks, int nb, float *part, double *ss,
             cudaStream_t s) {
     const int n = (int)fn.ne[0], rows = (int)fn.ne[1];
+    const dim3 grid(n_chunks, nb);
     if (fn.type == DS4_TYPE_F16)
-        hc_mix_partial_kernel<DS4_TYPE_F16><<<n_chunks, kHcThreads, 0, s>>>(cm.dev(fn), H, n, rows, part, ss);
+        hc_mix_partial_kernel<DS4_TYPE_F16><<<grid, kHcThreads, 0, s>>>(cm.dev(fn), H, n, rows, part, ss);
     else
-        hc_mix_partial_kernel<DS4_TYPE_F32><<<n_chunks, kHcThreads, 0, s>>>(cm.dev(fn), H, n, rows, part, ss);
+        hc_mix_partial_kernel<DS4_TYPE_F32><<<grid, kHcThreads, 0, s>>>(cm.dev(fn), H, n, rows, part, ss);
 }
 }  // namespace
 
-// The launches of one token (facts D steps 0-19). Everything position-dependent reads d_step on the device.
-void CudaSession::enqueue_step(bool head, bool idx_active) {
+// Y[b * y_ld + r] = w[r] . X[b * x_ld + (r / rpg) * xgs ...] for the nb tokens of a step (rpg = 0: one group).
+// One token: the decode kernels of cuda/quant.cu. Several: mm_kernel for F32/F16/Q8_0, else one matvec per token.
+void CudaSession::mm(const Tensor &w, const float *X, int64_t x_ld, float *Y, int64_t y_ld, int nb, int64_t rpg,
+                     int64_t xgs) {
+    const CudaModel &C = *cm;
+    const int64_t n_rows = w.ne[1], n_cols = w.ne[0];
+    if (rpg <= 0) rpg = n_rows;
+    const bool grouped = rpg < n_rows;
+    const size_t rb = row_bytes(w.type, n_cols);
+    const uint8_t *W = C.dev(w);
+    const bool plain_ok = (w.type == DS4_TYPE_F32 || w.type == DS4_TYPE_F16)
+                              ? ((uintptr_t)W % 16 == 0 && rb % 16 == 0 && n_cols % 8 == 0)
+                              : w.type == DS4_TYPE_Q8_0;
+    if (nb > 1 && plain_ok && rpg % kMmRows == 0 && n_rows < (1ll << 31)) {
+        const int grid = (int)std::max<int64_t>(1, std::min<int64_t>((n_rows + kMmRows - 1) / kMmRows, (int64_t)sm_count * 8));
+        auto launch = [&](auto kernel) {
+            kernel<<<grid, 32 * kMmWarps, 0, stream>>>(W, rb, (int)n_rows, (int)n_cols, X, x_ld, Y, y_ld, nb, (int)rpg,
+                                                       xgs);
+        };
+        if (w.type == DS4_TYPE_F32) launch(mm_kernel<DS4_TYPE_F32>);
+        else if (w.type == DS4_TYPE_F16) launch(mm_kernel<DS4_TYPE_F16>);
+        else launch(mm_kernel<DS4_TYPE_Q8_0>);
+        FW_CHECK(cudaGetLastError());
+        return;
+    }
+    for (int b = 0; b < nb; b++) {
+        if (grouped)
+            mv_grouped(C, w, X + b * x_ld, Y + b * y_ld, rpg, xgs, stream);
+        else
+            cuda_matvec(w.type, W, n_rows, n_cols, X + b * x_ld, Y + b * y_ld, stream);
+    }
+}
+
+// The launches of one step of nb tokens (facts D steps 0-18; the head is enqueue_head). Everything
+// position-dependent reads the step records d_steps[0..nb) on the device, so a captured step replays for any
+// positions.
+void CudaSession::enqueue_step(int nb, bool idx_active) {
     const CudaModel &C = *cm;
     const Hparams &hp = M->hp;
     const int E = hp.n_embd, hc = hp.hc_mult, D = hp.n_head, hd = hp.head_dim, nrot = hp.n_rot;
-    const int G = hp.o_groups, OR = hp.o_lora_rank, in_g = D * hd / G;
+    const int G = hp.o_groups, OR = hp.o_lora_rank, in_g = D * hd / G, QR = hp.q_lora_rank;
     const int IH = hp.idx_heads, ID = hp.idx_dim, K = hp.n_expert_used, F = hp.n_ff, NE = hp.n_expert;
+    const int HCE = hc * E;
     const float eps = hp.rms_eps;
     cudaStream_t s = stream;
     const int ew_grid = (E + 255) / 256;
     const size_t e_smem = (size_t)E * 4;
+    const bool one = nb == 1;
 
     // 0. embedding into every stream
-    embed_kernel<<<ew_grid, 256, 0, s>>>(C.dev(M->tok_embd), M->tok_embd.type, E, hc, d_step, H);
+    embed_kernel<<<dim3(ew_grid, nb), 256, 0, s>>>(C.dev(M->tok_embd), M->tok_embd.type, E, hc, d_steps, H);
     for (int l = 0; l < hp.n_layer; l++) {
         const LayerWeights &w = M->layers[l];
         const LayerDev &ld = L[l];
@@ -1226,45 +1447,64 @@ void CudaSession::enqueue_step(bool head, bool idx_active) {
         const int r = w.ratio;
 
         // 1-2. HC pre, a = RMS(x_in) * attn_norm
-        hc_mix(C, w.hc_attn_fn, H, hc_chunks, hc_part, hc_ss, s);
-        hc_pre_kernel<<<1, 1024, e_smem, s>>>(hc_part, hc_ss, hc_chunks, C.devf(w.hc_attn_scale),
-                                              C.devf(w.hc_attn_base), H, C.devf(w.attn_norm), E, hc, hp.hc_iters,
-                                              hp.hc_eps, eps, hcw, a);
+        hc_mix(C, w.hc_attn_fn, H, hc_chunks, nb, hc_part, hc_ss, s);
+        hc_pre_kernel<<<nb, 1024, e_smem, s>>>(hc_part, hc_ss, hc_chunks, C.devf(w.hc_attn_scale),
+                                               C.devf(w.hc_attn_base), H, C.devf(w.attn_norm), E, hc, hp.hc_iters,
+                                               hp.hc_eps, eps, hcw, a);
         // 3. qr = RMS(q_a a) * q_a_norm; q = q_b qr; per-head RMS + RoPE (5)
-        mv(C, w.q_a, a, qr, s);
-        rows_rms_rope_kernel<<<1, 256, hp.q_lora_rank * 4, s>>>(qr, hp.q_lora_rank, C.devf(w.q_a_norm), eps, 0,
-                                                                 nullptr, d_step);
-        mv(C, w.q_b, qr, q, s);
-        rows_rms_rope_kernel<<<D, 128, hd * 4, s>>>(q, hd, nullptr, eps, nrot, rope, d_step);
-        // 4-6. kv: RMS * kv_norm, RoPE, round-trip, into the raw window
-        mv(C, w.kv, a, kv, s);
-        kv_kernel<<<1, 256, hd * 4, s>>>(kv, hd, C.devf(w.kv_norm), eps, nrot, rope, d_step, roundtrip ? 1 : 0,
-                                         hp.window, ld.ring);
-        // 7. compressor
+        if (one) mv(C, w.q_a, a, qr, s);
+        else mm(w.q_a, a, E, qr, QR, nb);
+        rows_rms_rope_kernel<<<nb, 256, QR * 4, s>>>(qr, QR, C.devf(w.q_a_norm), eps, 0, nullptr, d_steps, 1);
+        if (one) mv(C, w.q_b, qr, q, s);
+        else mm(w.q_b, qr, QR, q, (int64_t)D * hd, nb);
+        rows_rms_rope_kernel<<<nb * D, 128, hd * 4, s>>>(q, hd, nullptr, eps, nrot, rope, d_steps, D);
+        // 4-6. kv: RMS * kv_norm, RoPE, round-trip, into the raw window ring
+        if (one) mv(C, w.kv, a, kv, s);
+        else mm(w.kv, a, E, kv, hd, nb);
+        kv_kernel<<<nb, 256, hd * 4, s>>>(kv, hd, C.devf(w.kv_norm), eps, nrot, rope, d_steps, roundtrip ? 1 : 0,
+                                          ring_rows, ld.ring);
+        // 7. compressor (the step's tokens in order)
         if (r) {
-            mv2(C, w.cmp_kv, w.cmp_gate, a, cc, cz, s);
-            compressor_kernel<<<1, 512, hd * 4, s>>>(cc, cz, C.d_cmp_ape[l], r, w.csa ? 1 : 0, hd, d_step, ld.ckv,
-                                                     ld.csc, C.devf(w.cmp_norm), eps, nrot, C.d_rope_comp,
+            if (one) {
+                mv2(C, w.cmp_kv, w.cmp_gate, a, cc, cz, s);
+            } else {
+                mm(w.cmp_kv, a, E, cc, 2 * hd, nb);
+                mm(w.cmp_gate, a, E, cz, 2 * hd, nb);
+            }
+            compressor_kernel<<<1, 512, hd * 4, s>>>(cc, cz, 2 * hd, nb, C.d_cmp_ape[l], r, w.csa ? 1 : 0, hd, d_steps,
+                                                     ld.ckv, ld.csc, C.devf(w.cmp_norm), eps, nrot, C.d_rope_comp,
                                                      roundtrip ? 1 : 0, ld.comp);
         }
-        // 8-9. indexer compressor; indexer selection once more than top-k rows are visible
+        // 8-9. indexer compressor; indexer selection once more than top-k rows are visible (a token of the step
+        // that still sees <= top-k rows gets all of them from the top-k kernel)
         bool use_sel = false;
         if (w.csa) {
-            mv2(C, w.idx_kv, w.idx_gate, a, ic, iz, s);
-            compressor_kernel<<<1, 256, ID * 4, s>>>(ic, iz, C.d_idx_ape[l], r, 1, ID, d_step, ld.ikv, ld.isc,
-                                                     C.devf(w.idx_norm), eps, nrot, C.d_rope_comp,
+            if (one) {
+                mv2(C, w.idx_kv, w.idx_gate, a, ic, iz, s);
+            } else {
+                mm(w.idx_kv, a, E, ic, 2 * ID, nb);
+                mm(w.idx_gate, a, E, iz, 2 * ID, nb);
+            }
+            compressor_kernel<<<1, 256, ID * 4, s>>>(ic, iz, 2 * ID, nb, C.d_idx_ape[l], r, 1, ID, d_steps, ld.ikv,
+                                                     ld.isc, C.devf(w.idx_norm), eps, nrot, C.d_rope_comp,
                                                      roundtrip ? 2 : 0, ld.idx);
             if (idx_active) {
                 use_sel = true;
-                mv(C, w.idx_q_b, qr, qi, s);
-                mv(C, w.idx_proj, a, wi, s);
-                idx_q_kernel<<<IH, 128, ID * 4, s>>>(qi, ID, nrot, C.d_rope_comp, d_step, roundtrip ? 1 : 0);
+                if (one) {
+                    mv(C, w.idx_q_b, qr, qi, s);
+                    mv(C, w.idx_proj, a, wi, s);
+                } else {
+                    mm(w.idx_q_b, qr, QR, qi, (int64_t)IH * ID, nb);
+                    mm(w.idx_proj, a, E, wi, IH, nb);
+                }
+                idx_q_kernel<<<nb * IH, 128, ID * 4, s>>>(qi, ID, nrot, C.d_rope_comp, d_steps, roundtrip ? 1 : 0, IH);
                 const int n_rows_max = max_ctx / r + 1;
                 const int grid = std::max(1, std::min(132, (n_rows_max + 7) / 8));
-                idx_score_kernel<<<grid, 256, idx_smem, s>>>(qi, wi, ld.idx, IH, ID, r,
-                                                             1.0f / std::sqrt((float)ID), 1.0f / std::sqrt((float)IH),
-                                                             d_step, scores);
-                topk_kernel<<<1, kTopkThreads, 0, s>>>(scores, r, hp.idx_topk, d_step, sel, n_sel);
+                idx_score_kernel<<<dim3(grid, nb), 256, idx_smem, s>>>(qi, wi, ld.idx, IH, ID, r,
+                                                                      1.0f / std::sqrt((float)ID),
+                                                                      1.0f / std::sqrt((float)IH), d_steps, scores,
+                                                                      scores_ld);
+                topk_kernel<<<nb, kTopkThreads, 0, s>>>(scores, scores_ld, r, hp.idx_topk, d_steps, sel, n_sel);
             }
         }
         // 10-11. attention with sinks, inverse RoPE
@@ -1274,109 +1514,119 @@ void CudaSession::enqueue_step(bool head, bool idx_active) {
             if (r) max_vis = w.csa ? std::min(max_ctx / r, hp.idx_topk) : max_ctx / r;
             const int max_rows = hp.window + max_vis;
             const size_t smem = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
-            attention_kernel<<<D, 32 * kAttnWarps, smem, s>>>(q, ld.ring, ld.comp, sel, n_sel, use_sel ? 1 : 0, r,
-                                                              hp.window, hd, nrot, C.devf(w.sinks), rope,
-                                                              1.0f / std::sqrt((float)hd), d_step, o);
+            attention_kernel<<<dim3(D, nb), 32 * kAttnWarps, smem, s>>>(
+                q, ld.ring, ld.comp, sel, n_sel, use_sel ? 1 : 0, hp.idx_topk, r, hp.window, ring_rows, hd, nrot,
+                C.devf(w.sinks), rope, 1.0f / std::sqrt((float)hd), d_steps, o);
         }
-        // 12. grouped output projection (one launch: group g = "expert" g with its own input slice), then out_b
-        {
-            ExpertMatvec p;
-            p.W[0] = C.dev(w.out_a);
-            p.y[0] = low;
-            p.n_mats = 1;
-            p.expert_stride = (int64_t)OR * (int64_t)row_bytes(w.out_a.type, in_g);
-            p.n_rows = OR;
-            p.n_cols = in_g;
-            p.ids = C.d_group_ids;
-            p.n_ids = G;
-            p.x = o;
-            p.x_stride = in_g;
-            cuda_matvec_experts(w.out_a.type, p, s);
-        }
-        mv(C, w.out_b, low, y, s);
+        // 12. grouped output projection (group g = rows g*OR.. with the heads of g), then out_b
+        if (one) mv_grouped(C, w.out_a, o, low, OR, in_g, s);
+        else mm(w.out_a, o, (int64_t)D * hd, low, (int64_t)G * OR, nb, OR, in_g);
+        if (one) mv(C, w.out_b, low, y, s);
+        else mm(w.out_b, low, (int64_t)G * OR, y, E, nb);
         // 13. HC post
-        hc_post_kernel<<<ew_grid, 256, 0, s>>>(hcw, y, H, E, hc);
+        hc_post_kernel<<<dim3(ew_grid, nb), 256, 0, s>>>(hcw, y, H, E, hc);
 
         // 14. FFN HC pre, n = RMS(x_f) * ffn_norm (into a)
-        hc_mix(C, w.hc_ffn_fn, H, hc_chunks, hc_part, hc_ss, s);
-        hc_pre_kernel<<<1, 1024, e_smem, s>>>(hc_part, hc_ss, hc_chunks, C.devf(w.hc_ffn_scale),
-                                              C.devf(w.hc_ffn_base), H, C.devf(w.ffn_norm), E, hc, hp.hc_iters,
-                                              hp.hc_eps, eps, hcw, a);
+        hc_mix(C, w.hc_ffn_fn, H, hc_chunks, nb, hc_part, hc_ss, s);
+        hc_pre_kernel<<<nb, 1024, e_smem, s>>>(hc_part, hc_ss, hc_chunks, C.devf(w.hc_ffn_scale),
+                                               C.devf(w.hc_ffn_base), H, C.devf(w.ffn_norm), E, hc, hp.hc_iters,
+                                               hp.hc_eps, eps, hcw, a);
         // 15. router
-        mv(C, w.gate_inp, a, glog, s);
+        if (one) mv(C, w.gate_inp, a, glog, s);
+        else mm(w.gate_inp, a, E, glog, NE, nb);
         const bool hash = w.tid2eid.present() && l < hp.n_hash;
-        router_kernel<<<1, 256, (size_t)2 * NE * 4, s>>>(glog, NE, K, w.exp_bias.present() ? C.devf(w.exp_bias) : nullptr,
-                                                        hash ? reinterpret_cast<const int32_t *>(C.dev(w.tid2eid)) : nullptr,
-                                                        d_step, hp.expert_scale, roundtrip ? 1 : 0, eids, ewt);
-        // 16. routed experts: gate+up in one launch, SwiGLU, down in one launch
-        {
-            ExpertMatvec p;
-            p.W[0] = C.dev(w.gate_exps);
-            p.W[1] = C.dev(w.up_exps);
-            p.y[0] = gt;
-            p.y[1] = up;
-            p.n_mats = 2;
-            p.expert_stride = (int64_t)F * (int64_t)row_bytes(w.gate_exps.type, E);
-            p.n_rows = F;
-            p.n_cols = E;
-            p.ids = eids;
-            p.n_ids = K;
-            p.x = a;
-            p.x_stride = 0;
-            cuda_matvec_experts(w.gate_exps.type, p, s);
-        }
-        // 17. shared expert gate/up into slot K, then one SwiGLU (same clamp) over routed + shared
-        mv2(C, w.gate_sh, w.up_sh, a, gt + (size_t)K * F, up + (size_t)K * F, s);
+        router_kernel<<<nb, 256, (size_t)2 * NE * 4, s>>>(glog, NE, K,
+                                                         w.exp_bias.present() ? C.devf(w.exp_bias) : nullptr,
+                                                         hash ? reinterpret_cast<const int32_t *>(C.dev(w.tid2eid)) : nullptr,
+                                                         d_steps, hp.expert_scale, roundtrip ? 1 : 0, eids, ewt);
+        // 16-18, one token at a time: routed gate+up in one launch, shared gate/up into slot K, one SwiGLU,
+        // routed down in one launch, shared down, weighted sum + HC post
         const float lim = hp.swiglu_limit[l];
-        swiglu_kernel<<<((K + 1) * F + 255) / 256, 256, 0, s>>>(gt, up, (K + 1) * F, lim, mb);
-        {
-            ExpertMatvec p;
-            p.W[0] = C.dev(w.down_exps);
-            p.y[0] = dn;
-            p.n_mats = 1;
-            p.expert_stride = (int64_t)E * (int64_t)row_bytes(w.down_exps.type, F);
-            p.n_rows = E;
-            p.n_cols = F;
-            p.ids = eids;
-            p.n_ids = K;
-            p.x = mb;
-            p.x_stride = F;
-            cuda_matvec_experts(w.down_exps.type, p, s);
+        for (int t = 0; t < nb; t++) {
+            const float *at = a + (size_t)t * E;
+            {
+                ExpertMatvec p;
+                p.W[0] = C.dev(w.gate_exps);
+                p.W[1] = C.dev(w.up_exps);
+                p.y[0] = gt;
+                p.y[1] = up;
+                p.n_mats = 2;
+                p.expert_stride = (int64_t)F * (int64_t)row_bytes(w.gate_exps.type, E);
+                p.n_rows = F;
+                p.n_cols = E;
+                p.ids = eids + (size_t)t * K;
+                p.n_ids = K;
+                p.x = at;
+                p.x_stride = 0;
+                cuda_matvec_experts(w.gate_exps.type, p, s);
+            }
+            mv2(C, w.gate_sh, w.up_sh, at, gt + (size_t)K * F, up + (size_t)K * F, s);
+            swiglu_kernel<<<((K + 1) * F + 255) / 256, 256, 0, s>>>(gt, up, (K + 1) * F, lim, mb);
+            {
+                ExpertMatvec p;
+                p.W[0] = C.dev(w.down_exps);
+                p.y[0] = dn;
+                p.n_mats = 1;
+                p.expert_stride = (int64_t)E * (int64_t)row_bytes(w.down_exps.type, F);
+                p.n_rows = E;
+                p.n_cols = F;
+                p.ids = eids + (size_t)t * K;
+                p.n_ids = K;
+                p.x = mb;
+                p.x_stride = F;
+                cuda_matvec_experts(w.down_exps.type, p, s);
+            }
+            mv(C, w.down_sh, mb + (size_t)K * F, ysh, s);
+            moe_sum_post_kernel<<<ew_grid, 256, 0, s>>>(dn, ewt + (size_t)t * K, K, E, ysh, hcw + (size_t)t * kHcwLd,
+                                                        H + (size_t)t * HCE, hc);
         }
-        mv(C, w.down_sh, mb + (size_t)K * F, ysh, s);
-        // 16-18. weighted routed sum + shared, HC post
-        moe_sum_post_kernel<<<ew_grid, 256, 0, s>>>(dn, ewt, K, E, ysh, hcw, H, hc);
     }
-    if (!head) return;
-    // 19. head
-    hc_mix(C, M->out_hc_fn, H, hc_chunks, hc_part, hc_ss, s);
-    head_kernel<<<1, 1024, e_smem, s>>>(hc_part, hc_ss, hc_chunks, C.devf(M->out_hc_scale), C.devf(M->out_hc_base), H,
-                                        C.devf(M->out_norm), E, hc, hp.hc_eps, eps, z);
-    mv(C, M->output, z, logits, s);
     FW_CHECK(cudaGetLastError());
 }
 
-void CudaSession::run_token(int32_t tok, bool head, float *logits_out) {
+// 19. head of token t of the step: collapse the streams, RMS * output_norm, output projection -> logits.
+void CudaSession::enqueue_head(int t) {
+    const CudaModel &C = *cm;
+    const Hparams &hp = M->hp;
+    const int E = hp.n_embd, hc = hp.hc_mult;
+    const float *Ht = H + (size_t)t * hc * E;
+    hc_mix(C, M->out_hc_fn, Ht, hc_chunks, 1, hc_part, hc_ss, stream);
+    head_kernel<<<1, 1024, (size_t)E * 4, stream>>>(hc_part, hc_ss, hc_chunks, C.devf(M->out_hc_scale),
+                                                    C.devf(M->out_hc_base), Ht, C.devf(M->out_norm), E, hc,
+                                                    hp.hc_eps, hp.rms_eps, z);
+    mv(C, M->output, z, logits, stream);
+    FW_CHECK(cudaGetLastError());
+}
+
+// Evaluate toks[0..nb) at positions pos..pos+nb-1 (nb <= bmax; no checkpoint boundary inside). head: logits of
+// every token (nb == 1: of the one token) into logits_out (n_vocab floats per token).
+void CudaSession::run_step(const int32_t *toks, int nb, bool head, float *logits_out) {
     const Hparams &hp = M->hp;
     if (pos > 0 && pos % ckpt_every == 0 && (size_t)(pos / ckpt_every - 1) < ckpts.size())
         FW_CHECK(cudaMemcpyAsync(ckpts[pos / ckpt_every - 1], state, state_floats * 4, cudaMemcpyDeviceToDevice,
                                  stream));
-    const Step st{tok, pos};
+    Step st[kMaxBatch];
+    for (int t = 0; t < nb; t++) st[t] = Step{toks[t], pos + t};
     // pageable source: the runtime stages it before returning, so `st` may go out of scope
-    FW_CHECK(cudaMemcpyAsync(d_step, &st, sizeof st, cudaMemcpyHostToDevice, stream));
-    const bool idx_active = hp.csa_ratio > 0 && (pos + 1) / hp.csa_ratio > hp.idx_topk;
-    const int key = (head ? 2 : 0) + (idx_active ? 1 : 0);
-    if (!use_graphs || !seen[key]) {
-        // first step of this shape runs directly (warms module loading and the matvec launch tables), later
+    FW_CHECK(cudaMemcpyAsync(d_steps, st, sizeof(Step) * nb, cudaMemcpyHostToDevice, stream));
+    const int last = pos + nb - 1;
+    const bool idx_active = hp.csa_ratio > 0 && (last + 1) / hp.csa_ratio > hp.idx_topk;
+    int key = -1;  // graph key, or -1: launch directly
+    if (nb == 1) key = (head ? 2 : 0) + (idx_active ? 1 : 0);
+    else if (nb == bmax && !head) key = 4 + (idx_active ? 1 : 0);
+    if (!use_graphs || key < 0 || !seen[key]) {
+        // the first step of a shape runs directly (warms module loading and the matvec launch tables), later
         // ones replay the captured graph
-        enqueue_step(head, idx_active);
-        seen[key] = true;
+        enqueue_step(nb, idx_active);
+        if (nb == 1 && head) enqueue_head(0);
+        if (key >= 0) seen[key] = true;
     } else {
         if (!graphs[key]) {
             cudaGraph_t graph = nullptr;
             FW_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
             try {
-                enqueue_step(head, idx_active);
+                enqueue_step(nb, idx_active);
+                if (nb == 1 && head) enqueue_head(0);
             } catch (...) {
                 cudaStreamEndCapture(stream, &graph);
                 if (graph) cudaGraphDestroy(graph);
@@ -1389,10 +1639,15 @@ void CudaSession::run_token(int32_t tok, bool head, float *logits_out) {
         }
         FW_CHECK(cudaGraphLaunch(graphs[key], stream));
     }
-    if (head && logits_out)
-        FW_CHECK(cudaMemcpyAsync(logits_out, logits, (size_t)hp.n_vocab * 4, cudaMemcpyDeviceToHost, stream));
-    pos++;
-    tokens.push_back(tok);
+    if (head && logits_out) {
+        for (int t = 0; t < nb; t++) {
+            if (nb > 1) enqueue_head(t);
+            FW_CHECK(cudaMemcpyAsync(logits_out + (size_t)t * hp.n_vocab, logits, (size_t)hp.n_vocab * 4,
+                                     cudaMemcpyDeviceToHost, stream));
+        }
+    }
+    pos += nb;
+    tokens.insert(tokens.end(), toks, toks + nb);
 }
 
 CudaSessionPtr cuda_session_new(CudaModel &m, int max_ctx, bool roundtrip) {
@@ -1417,10 +1672,19 @@ void cuda_session_eval(CudaSession &s, const int32_t *toks, int n, bool all_logi
         if (toks[i] < 0 || toks[i] >= hp.n_vocab)
             fail(DS4_E_ARG, "token id %d at index %d is outside the vocabulary [0, %d)", toks[i], i, hp.n_vocab);
     try {
-        for (int t = 0; t < n; t++) {
-            const bool head = logits && (all_logits || t == n - 1);
+        int t = 0;
+        while (t < n) {
+            // a step: up to bmax tokens, never across a checkpoint position (saved before that position), and
+            // the last token alone when only its logits are wanted (the one-token graph has the head)
+            int nb = std::min(s.bmax, n - t);
+            const int next_ckpt = (s.pos / s.ckpt_every + 1) * s.ckpt_every;
+            nb = std::min(nb, next_ckpt - s.pos);
+            const bool want_last = logits && !all_logits;
+            if (want_last && t + nb == n && nb > 1) nb -= 1;
+            const bool head = logits && (all_logits || t + nb == n);
             float *out = head ? logits + (all_logits ? (size_t)t * hp.n_vocab : 0) : nullptr;
-            s.run_token(toks[t], head, out);
+            s.run_step(toks + t, nb, head, out);
+            t += nb;
         }
         FW_CHECK(cudaStreamSynchronize(s.stream));
         FW_CHECK(cudaGetLastError());
