@@ -1152,6 +1152,7 @@ public:
     float *iz = nullptr, *qi = nullptr, *wi = nullptr, *scores = nullptr, *glog = nullptr, *ewt = nullptr;
     float *gt = nullptr, *up = nullptr, *mb = nullptr, *dn = nullptr;  // one token at a time
     float *ysh = nullptr, *z = nullptr, *logits = nullptr;
+    float *shg = nullptr, *shu = nullptr, *shm = nullptr;  // shared expert of a batched step: [bmax][n_ff]
     int *sel = nullptr, *n_sel = nullptr, *eids = nullptr;
     size_t idx_smem = 0;
 
@@ -1306,7 +1307,12 @@ void CudaSession::init() {
     up = alloc<float>((size_t)(K + 1) * F);
     mb = alloc<float>((size_t)(K + 1) * F);
     dn = alloc<float>((size_t)K * E);
-    ysh = alloc<float>(E);
+    ysh = alloc<float>(B * E);
+    if (bmax > 1) {
+        shg = alloc<float>(B * F);
+        shu = alloc<float>(B * F);
+        shm = alloc<float>(B * F);
+    }
     z = alloc<float>(E);
     logits = alloc<float>(hp.n_vocab);
 
@@ -1539,9 +1545,17 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
                                                          w.exp_bias.present() ? C.devf(w.exp_bias) : nullptr,
                                                          hash ? reinterpret_cast<const int32_t *>(C.dev(w.tid2eid)) : nullptr,
                                                          d_steps, hp.expert_scale, roundtrip ? 1 : 0, eids, ewt);
-        // 16-18, one token at a time: routed gate+up in one launch, shared gate/up into slot K, one SwiGLU,
-        // routed down in one launch, shared down, weighted sum + HC post
+        // 17 (batched step): the shared expert of all tokens at once
         const float lim = hp.swiglu_limit[l];
+        if (!one) {
+            mm(w.gate_sh, a, E, shg, F, nb);
+            mm(w.up_sh, a, E, shu, F, nb);
+            swiglu_kernel<<<(nb * F + 255) / 256, 256, 0, s>>>(shg, shu, nb * F, lim, shm);
+            mm(w.down_sh, shm, F, ysh, E, nb);
+        }
+        // 16-18, one token at a time: routed gate+up in one launch (one token: the shared gate/up into slot K
+        // and one SwiGLU for both), routed down in one launch, weighted sum + shared + HC post
+        const int n_sw = one ? K + 1 : K;
         for (int t = 0; t < nb; t++) {
             const float *at = a + (size_t)t * E;
             {
@@ -1560,8 +1574,8 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
                 p.x_stride = 0;
                 cuda_matvec_experts(w.gate_exps.type, p, s);
             }
-            mv2(C, w.gate_sh, w.up_sh, at, gt + (size_t)K * F, up + (size_t)K * F, s);
-            swiglu_kernel<<<((K + 1) * F + 255) / 256, 256, 0, s>>>(gt, up, (K + 1) * F, lim, mb);
+            if (one) mv2(C, w.gate_sh, w.up_sh, at, gt + (size_t)K * F, up + (size_t)K * F, s);
+            swiglu_kernel<<<(n_sw * F + 255) / 256, 256, 0, s>>>(gt, up, n_sw * F, lim, mb);
             {
                 ExpertMatvec p;
                 p.W[0] = C.dev(w.down_exps);
@@ -1576,9 +1590,9 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
                 p.x_stride = F;
                 cuda_matvec_experts(w.down_exps.type, p, s);
             }
-            mv(C, w.down_sh, mb + (size_t)K * F, ysh, s);
-            moe_sum_post_kernel<<<ew_grid, 256, 0, s>>>(dn, ewt + (size_t)t * K, K, E, ysh, hcw + (size_t)t * kHcwLd,
-                                                        H + (size_t)t * HCE, hc);
+            if (one) mv(C, w.down_sh, mb + (size_t)K * F, ysh, s);
+            moe_sum_post_kernel<<<ew_grid, 256, 0, s>>>(dn, ewt + (size_t)t * K, K, E, ysh + (size_t)t * E,
+                                                        hcw + (size_t)t * kHcwLd, H + (size_t)t * HCE, hc);
         }
     }
     FW_CHECK(cudaGetLastError());
