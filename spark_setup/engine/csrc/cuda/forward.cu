@@ -12,6 +12,10 @@
 //    step record, so the sequence is captured once into a CUDA graph per step shape (with/without the output
 //    head; indexer idle/active, which is a function of the position) and replayed for every later token.
 //    DS4_CUDA_GRAPHS=0 in the environment runs the launches directly (same kernels, same numbers).
+//  - prefill: DS4_CUDA_PREFILL_BATCH=N (2..16; default 1 = token by token through the decode step) evaluates N
+//    tokens per step: the projections as one batched product (each weight read once for N tokens), the stateful
+//    parts (raw window, compressors, indexer, attention) per token in position order, so it computes what the
+//    token-by-token path computes. The raw-window ring has window + N - 1 slots so all N rows fit before reading.
 //  - arithmetic is f32 with the reference's order of operations where it is cheap (sums of squares in double
 //    like cpu::rms_norm, routed experts summed in ascending expert id), so CUDA logits follow the CPU engine.
 #include <cuda_runtime.h>
@@ -214,9 +218,10 @@ __device__ __forceinline__ float softplus_d(float x) { return x > 20.0f ? x : lo
 
 // ---- kernels ---------------------------------------------------------------------------------------------------
 
-// 0. x = token_embd[tok] into every HC stream.
 // Batched kernels: token t of a step is blockIdx.y (or blockIdx.x for one-block-per-token kernels); its step
 // record is st[t] and its buffers are at t * (per-token size).
+
+// 0. x = token_embd[tok] into every HC stream.
 __global__ void embed_kernel(const uint8_t *W, int type, int E, int hc, const Step *st, float *H) {
     const int t = blockIdx.y;
     H += (size_t)t * hc * E;
