@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 
 #include "common.h"
@@ -438,6 +439,122 @@ struct V2<DS4_TYPE_IQ2_XXS> {  // tile 16 blocks; round k = block k; group l/4, 
     }
 };
 
+// ---- v3 / v4: the v2 lane mapping with cheaper decodes -----------------------------------------------------------
+// Counted from v2's code (bench/kernels.md, "analysis"): per 8 weights a lane spends ~34 (Q8_0) to ~50 (IQ2_XXS,
+// Q2_K) instructions and 6-15 shared-memory wavefronts; both bound the quant-2 types near 1-1.4 TB/s on an H200.
+// v3 trims what does not depend on the weight count: f16 scales with one 16-bit load instead of two byte loads,
+// 4-bit scales to float with OR + FADD instead of I2F (quarter rate), Q8_0 quants with three aligned 32-bit loads
+// and two funnel shifts instead of four 16-bit loads. v4 = v3 plus IQ2_XXS signs computed in registers (parity +
+// a multiply that spreads 4 bits to 4 bytes) instead of a second random 8-byte shared-memory lookup per lane.
+__device__ __forceinline__ float ld_h16(const uint8_t *p) {  // f16 at a 2-byte aligned address
+    return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short *>(p)));
+}
+__device__ __forceinline__ float small_f(uint32_t u) {  // u < 2^23 to float, exact, without I2F
+    return __uint_as_float(0x4B000000u | u) - 8388608.0f;
+}
+// 8 bytes at a 2-byte aligned address as two little-endian words: 3 aligned 32-bit loads + 2 funnel shifts.
+// Reads up to 4 bytes past the 8 (the stage rows of v3 carry a 16-byte pad for that).
+__device__ __forceinline__ void ld8_a2(const uint8_t *p, uint32_t &w0, uint32_t &w1) {
+    const unsigned mis = (unsigned)(reinterpret_cast<uintptr_t>(p) & 3u);
+    const uint32_t *u = reinterpret_cast<const uint32_t *>(p - mis);
+    const uint32_t u0 = u[0], u1 = u[1], u2 = u[2];
+    w0 = __funnelshift_r(u0, u1, 8 * mis);
+    w1 = __funnelshift_r(u1, u2, 8 * mis);
+}
+// IQ2_XXS sign byte of a 7-bit index (bit 7 = parity of the 7) as two words of byte masks (0xFF = negative):
+// (t * 0x00204081) & 0x01010101 moves bit i of a nibble t to bit 8i; * 255 widens each 0/1 byte to 0x00/0xFF.
+__device__ __forceinline__ void iq2_sign_masks(uint32_t s7, uint32_t &m_lo, uint32_t &m_hi) {
+    const uint32_t s8 = s7 | ((__popc(s7) & 1u) << 7);
+    m_lo = (((s8 & 15u) * 0x00204081u) & 0x01010101u) * 255u;
+    m_hi = (((s8 >> 4) * 0x00204081u) & 0x01010101u) * 255u;
+}
+
+template <int T, bool ARITH_SIGNS>
+struct V3;
+
+template <bool AS>
+struct V3<DS4_TYPE_Q8_0, AS> {
+    static constexpr int BB = 34, BV = 32, BPT = 32, ROUNDS = 4;
+    __device__ static bool valid(int k, int lane, int nvalid) { return 8 * k + (lane >> 2) < nvalid; }
+    __device__ static float dot(const uint8_t *tile, int k, int lane, const float (&xs)[8], float, const uint64_t *) {
+        const uint8_t *p = tile + BB * (8 * k + (lane >> 2));
+        uint32_t w0, w1;
+        ld8_a2(p + 2 + 8 * (lane & 3), w0, w1);
+        return dot8_s(w0 ^ 0x80808080u, w1 ^ 0x80808080u, xs) * ld_h16(p);
+    }
+};
+
+template <bool AS>
+struct V3<DS4_TYPE_Q2_K, AS> {
+    static constexpr int BB = 84, BV = 256, BPT = 8, ROUNDS = 8;
+    __device__ static bool valid(int k, int, int nvalid) { return k < nvalid; }
+    __device__ static float dot(const uint8_t *tile, int k, int lane, const float (&xs)[8], float sx, const uint64_t *) {
+        const uint8_t *p = tile + BB * k;
+        const int half = lane >> 4, j = (lane >> 2) & 3, sub = lane & 3;
+        const uint32_t *q = reinterpret_cast<const uint32_t *>(p + 16 + 32 * half + 8 * sub);
+        const float s = dot8_u((q[0] >> (2 * j)) & 0x03030303u, (q[1] >> (2 * j)) & 0x03030303u, xs);
+        const uint32_t sc = p[8 * half + 2 * j + (sub >> 1)];
+        return (ld_h16(p + 80) * small_f(sc & 15u)) * s - (ld_h16(p + 82) * small_f(sc >> 4)) * sx;
+    }
+};
+
+template <bool AS>
+struct V3<DS4_TYPE_Q4_K, AS> {
+    static constexpr int BB = 144, BV = 256, BPT = 8, ROUNDS = 8;
+    __device__ static bool valid(int k, int, int nvalid) { return k < nvalid; }
+    __device__ static float dot(const uint8_t *tile, int k, int lane, const float (&xs)[8], float sx, const uint64_t *) {
+        const uint8_t *p = tile + BB * k;
+        const int c = lane >> 3, hi = (lane >> 2) & 1, sb = 2 * c + hi;
+        const uint32_t *q = reinterpret_cast<const uint32_t *>(p + 16 + 32 * c + 8 * (lane & 3));
+        const float s = dot8_u((q[0] >> (4 * hi)) & 0x0F0F0F0Fu, (q[1] >> (4 * hi)) & 0x0F0F0F0Fu, xs);
+        const uint8_t *sp = p + 4;
+        uint32_t sc, mn;
+        if (sb < 4) {
+            sc = sp[sb] & 63u;
+            mn = sp[sb + 4] & 63u;
+        } else {
+            sc = (sp[sb + 4] & 15u) | ((uint32_t)(sp[sb - 4] >> 6) << 4);
+            mn = (uint32_t)(sp[sb + 4] >> 4) | ((uint32_t)(sp[sb] >> 6) << 4);
+        }
+        return (ld_h16(p) * small_f(sc)) * s - (ld_h16(p + 2) * small_f(mn)) * sx;
+    }
+};
+
+template <bool AS>
+struct V3<DS4_TYPE_IQ2_XXS, AS> {  // AS: signs from registers (v4) instead of the shared mask table (v3)
+    static constexpr int BB = 66, BV = 256, BPT = 16, ROUNDS = 16;
+    __device__ static bool valid(int k, int, int nvalid) { return k < nvalid; }
+    __device__ static float dot(const uint8_t *tile, int k, int lane, const float (&xs)[8], float, const uint64_t *tabs) {
+        const uint8_t *p = tile + BB * k;
+        const uint8_t *grp = p + 2 + 8 * (lane >> 2);
+        const int e = lane & 3;
+        const uint32_t w1 = ld_u32_2(grp + 4);
+        const uint64_t gv = tabs[grp[e]];
+        uint32_t m_lo, m_hi;
+        if (AS) {
+            iq2_sign_masks((w1 >> (7 * e)) & 127u, m_lo, m_hi);
+        } else {
+            const uint64_t m = tabs[256 + ((w1 >> (7 * e)) & 127u)];
+            m_lo = (uint32_t)m;
+            m_hi = (uint32_t)(m >> 32);
+        }
+        const uint32_t lo = ((uint32_t)gv ^ m_lo) + 0x80808080u - m_lo;  // see Q<IQ2_XXS>
+        const uint32_t hi = ((uint32_t)(gv >> 32) ^ m_hi) + 0x80808080u - m_hi;
+        // d * (0.5 + s) * 0.25 == d * (0.125 + 0.25 s): both factors exact
+        return (ld_h16(p) * fmaf(small_f(w1 >> 28), 0.25f, 0.125f)) * dot8_s(lo, hi, xs);
+    }
+};
+
+// Decode struct of a kernel version (2, 3, 4).
+template <int T, int VER>
+struct Dec {
+    using type = V3<T, VER >= 4>;
+};
+template <int T>
+struct Dec<T, 2> {
+    using type = V2<T>;
+};
+
 __device__ void iq2_tables(uint64_t *tabs) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) tabs[i] = d_iq2xxs_grid[i];
     for (int i = threadIdx.x; i < 128; i += blockDim.x) {
@@ -451,12 +568,13 @@ __device__ void iq2_tables(uint64_t *tabs) {
 }
 
 // Requires 16-byte aligned rows (row bytes and base) and, for every group of kRows consecutive rows, one x.
-template <int T, class Rows>
+// VER 2, 3, 4 pick the decode (Dec); v3+ stage rows carry one extra 16-byte chunk (ld8_a2 reads past the row).
+template <int T, class Rows, int VER>
 __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_rows, int nblocks) {
-    using V = V2<T>;
-    constexpr int TB = V::BB * V::BPT, CH = TB / 16;
+    using V = typename Dec<T, VER>::type;
+    constexpr int TB = V::BB * V::BPT, CH = TB / 16, RS = CH + (VER >= 3 ? 1 : 0);
     static_assert(TB % 16 == 0 && V::ROUNDS * 256 == V::BPT * V::BV, "tile geometry");
-    __shared__ uint4 stage[kW2][2][kRows][CH];
+    __shared__ uint4 stage[kW2][2][kRows][RS];
     __shared__ uint64_t tabs[T == DS4_TYPE_IQ2_XXS ? 256 + 128 : 1];
     if (T == DS4_TYPE_IQ2_XXS) iq2_tables(tabs);
 
@@ -508,7 +626,7 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
             const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
             const float sx = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
 #pragma unroll
-            for (int rr = 0; rr < kRows; rr++) acc[rr] += V::dot(tile + rr * TB, k, lane, xs, sx, tabs);
+            for (int rr = 0; rr < kRows; rr++) acc[rr] += V::dot(tile + rr * RS * 16, k, lane, xs, sx, tabs);
         }
         __syncwarp();  // every lane is done with this stage before it is refilled
         if (nt == 0) {
@@ -528,7 +646,22 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
     cp_async_wait0();
 }
 
-int g_matvec_version = 2;  // ds4::cuda_set_matvec_version (benchmarks compare versions)
+// Kernel version: cuda_set_matvec_version(v), v = 1..4, forces one version for every quant type; 0 (the default;
+// the environment variable DS4_MATVEC_VERSION=N overrides it at the first launch) picks per type (auto_version).
+int g_matvec_version = -1;  // -1 = not read from the environment yet
+
+// Per-type choice of version 0 ("auto"), from the H200 analysis in bench/kernels.md: v3 for every quant type (same
+// lane mapping as v2, fewer instructions and shared-memory wavefronts), v4 (signs in registers) for IQ2_XXS.
+int auto_version(int type) { return type == DS4_TYPE_IQ2_XXS ? 4 : 3; }
+
+int matvec_version_for(int type) {
+    if (g_matvec_version < 0) {
+        const char *e = std::getenv("DS4_MATVEC_VERSION");
+        const int v = e ? std::atoi(e) : 0;
+        g_matvec_version = v >= 0 && v <= 4 ? v : 0;
+    }
+    return g_matvec_version > 0 ? g_matvec_version : auto_version(type);
+}
 
 // F32 / F16 / BF16: rows are plain arrays: direct 16-byte loads (4 floats or 8 halves per lane per step).
 template <int T>
@@ -612,13 +745,23 @@ int grid_for(K kernel, int *per_sm, int threads, int64_t total_rows, int rows_pe
     return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * *per_sm));
 }
 
+template <int T, class Rows, int VER>
+void launch_v(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
+    auto k = matvec_v2<T, Rows, VER>;
+    static int per_sm = 0;
+    k<<<grid_for(k, &per_sm, 32 * kW2, total, kW2 * kRows), 32 * kW2, 0, s>>>(rows, total, (int)(n_cols / Q<T>::BV));
+}
+
 template <int T, bool AL, class Rows>
 void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
-    if (AL && g_matvec_version >= 2 && rows.uniform_x_groups(kRows)) {
-        auto k2 = matvec_v2<T, Rows>;
-        static int per_sm2 = 0;
-        k2<<<grid_for(k2, &per_sm2, 32 * kW2, total, kW2 * kRows), 32 * kW2, 0, s>>>(rows, total,
-                                                                                     (int)(n_cols / Q<T>::BV));
+    const int ver = matvec_version_for(T);
+    if (AL && ver >= 2 && rows.uniform_x_groups(kRows)) {
+        if (ver == 2)
+            launch_v<T, Rows, 2>(rows, total, n_cols, s);
+        else if (ver == 3)
+            launch_v<T, Rows, 3>(rows, total, n_cols, s);
+        else
+            launch_v<T, Rows, 4>(rows, total, n_cols, s);
         return;
     }
     auto k = matvec_q<T, AL, Rows>;

@@ -98,8 +98,12 @@ double rel_diff(const std::vector<float> &a, const std::vector<float> &b) {
 
 struct Row {
     std::string name, type, shape;
+    int ver;
     double bytes, us, gbs, pct, err;
+    double gus, ggbs, gpct;  // back-to-back in a CUDA graph (as a decode step runs them)
 };
+
+constexpr int kGraphCalls = 20;  // calls captured per graph
 
 constexpr size_t kRotateBytes = (size_t)1536 << 20;  // weights rotated per case: > 20x a 60 MB L2
 
@@ -187,9 +191,48 @@ double time_median_us(int iters, cudaStream_t s, F &&run) {
     return median(ms) * 1e3;
 }
 
+// Times calls back to back as a decode step issues them: kGraphCalls calls run(0..kGraphCalls-1) captured into one
+// CUDA graph, replayed `reps` times (events around each replay); returns the median per call in microseconds.
+// Single-call timing (time_median_us) also counts the launch latency after a synchronize, which a graph hides.
+template <class F>
+double time_graph_us(int reps, cudaStream_t s, F &&run) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < kGraphCalls; i++) run(i);
+    CK(cudaStreamEndCapture(s, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::vector<float> ms;
+    for (int i = 0; i < reps + 3; i++) {
+        CK(cudaEventRecord(e0, s));
+        CK(cudaGraphLaunch(ge, s));
+        CK(cudaEventRecord(e1, s));
+        CK(cudaEventSynchronize(e1));
+        float t;
+        CK(cudaEventElapsedTime(&t, e0, e1));
+        if (i >= 3) ms.push_back(t);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    CK(cudaGraphExecDestroy(ge));
+    CK(cudaGraphDestroy(g));
+    return median(ms) * 1e3 / kGraphCalls;
+}
+
+// Fills the derived fields of a row.
+Row make_row(std::string name, std::string type, std::string shape, int ver, double bytes, double us, double gus,
+             double err, double copy) {
+    const double gbs = bytes / (us * 1e-6) / 1e9, ggbs = bytes / (gus * 1e-6) / 1e9;
+    return {std::move(name), std::move(type), std::move(shape), ver, bytes, us, gbs, 100.0 * gbs / copy, err,
+            gus, ggbs, 100.0 * ggbs / copy};
+}
+
 // One plain matvec case: [rows x cols] of `type` (a list of matrices run back to back counts as one case).
-Row bench_plain(const char *name, int type, const std::vector<std::pair<int64_t, int64_t>> &mats, int iters,
-                double copy, cudaStream_t s) {
+std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::pair<int64_t, int64_t>> &mats,
+                             int iters, double copy, cudaStream_t s, const std::vector<int> &versions) {
     size_t set_bytes = 0;
     int64_t max_rows = 0, max_cols = 0;
     for (auto &m : mats) {
@@ -212,39 +255,52 @@ Row bench_plain(const char *name, int type, const std::vector<std::pair<int64_t,
     CK(cudaMemcpy(dx, x.data(), max_cols * 4, cudaMemcpyHostToDevice));
     CK(cudaDeviceSynchronize());
 
-    // correctness: every matrix of copy 0 against the CPU kernel
-    double err = 0;
+    // CPU reference of every matrix of copy 0
+    std::vector<std::vector<float>> yc(mats.size());
     for (size_t k = 0; k < mats.size(); k++) {
         const auto [rows, cols] = mats[k];
         const size_t b = ds4::row_bytes(type, cols) * (size_t)rows;
         std::vector<uint8_t> hw(b);
         CK(cudaMemcpy(hw.data(), W[0][k], b, cudaMemcpyDeviceToHost));
-        std::vector<float> yc((size_t)rows), yg((size_t)rows);
-        ds4::cpu_matvec(type, hw.data(), rows, cols, x.data(), yc.data());
-        ds4::cuda_matvec(type, W[0][k], rows, cols, dx, dy, s);
-        CK(cudaMemcpyAsync(yg.data(), dy, rows * 4, cudaMemcpyDeviceToHost, s));
-        CK(cudaStreamSynchronize(s));
-        err = std::max(err, rel_diff(yg, yc));
+        yc[k].resize((size_t)rows);
+        ds4::cpu_matvec(type, hw.data(), rows, cols, x.data(), yc[k].data());
     }
-    const double us = time_median_us(iters, s, [&](int i) {
+    std::string shape;
+    for (size_t k = 0; k < mats.size(); k++)
+        shape += (k ? " + " : "") + std::to_string(mats[k].first) + "x" + std::to_string(mats[k].second);
+    std::vector<Row> out;
+    auto run = [&](int i) {
         for (size_t k = 0; k < mats.size(); k++)
             ds4::cuda_matvec(type, W[i % copies][k], mats[k].first, mats[k].second, dx, dy, s);
-    });
+    };
+    for (int ver : versions) {
+        ds4::cuda_set_matvec_version(ver);
+        double err = 0;  // poisoned output, then every matrix of copy 0 against the CPU kernel
+        for (size_t k = 0; k < mats.size(); k++) {
+            const auto [rows, cols] = mats[k];
+            std::vector<float> yg((size_t)rows);
+            CK(cudaMemsetAsync(dy, 0xff, rows * 4, s));
+            ds4::cuda_matvec(type, W[0][k], rows, cols, dx, dy, s);
+            CK(cudaGetLastError());
+            CK(cudaMemcpyAsync(yg.data(), dy, rows * 4, cudaMemcpyDeviceToHost, s));
+            CK(cudaStreamSynchronize(s));
+            err = std::max(err, rel_diff(yg, yc[k]));
+        }
+        const double us = time_median_us(iters, s, run);
+        const double gus = time_graph_us(std::max(10, iters / kGraphCalls), s, run);
+        out.push_back(make_row(name, ds4::type_name(type), shape, ver, (double)set_bytes, us, gus, err, copy));
+    }
     for (auto &v : W)
         for (auto *p : v) CK(cudaFree(p));
     CK(cudaFree(dx));
     CK(cudaFree(dy));
-    std::string shape;
-    for (size_t k = 0; k < mats.size(); k++)
-        shape += (k ? " + " : "") + std::to_string(mats[k].first) + "x" + std::to_string(mats[k].second);
-    const double gbs = (double)set_bytes / (us * 1e-6) / 1e9;
-    return {name, ds4::type_name(type), shape, (double)set_bytes, us, gbs, 100.0 * gbs / copy, err};
+    return out;
 }
 
 // One layer's routed experts: gate+up [ff x embd] (one launch, shared x) then down [embd x ff] (per-expert x),
 // n_used experts out of n_exp, expert ids drawn at random for every iteration.
-Row bench_experts(const char *name, int gu_type, int down_type, int64_t embd, int64_t ff, int n_exp, int n_used,
-                  int iters, double copy, cudaStream_t s) {
+std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int64_t embd, int64_t ff, int n_exp,
+                               int n_used, int iters, double copy, cudaStream_t s, const std::vector<int> &versions) {
     const size_t gu_rb = ds4::row_bytes(gu_type, embd), dn_rb = ds4::row_bytes(down_type, ff);
     const size_t gu_stride = gu_rb * (size_t)ff, dn_stride = dn_rb * (size_t)embd;
     uint8_t *gate, *up, *down;
@@ -304,39 +360,45 @@ Row bench_experts(const char *name, int gu_type, int down_type, int64_t embd, in
         dn.x_stride = ff;
         ds4::cuda_matvec_experts(down_type, dn, s);
     };
-    // correctness of set 0 against the CPU kernel on the same expert slices
-    run(0);
-    std::vector<float> g_gate((size_t)(n_used * ff)), g_up(g_gate.size()), g_out((size_t)(n_used * embd));
-    CK(cudaMemcpyAsync(g_gate.data(), d_gate, g_gate.size() * 4, cudaMemcpyDeviceToHost, s));
-    CK(cudaMemcpyAsync(g_up.data(), d_up, g_up.size() * 4, cudaMemcpyDeviceToHost, s));
-    CK(cudaMemcpyAsync(g_out.data(), d_out, g_out.size() * 4, cudaMemcpyDeviceToHost, s));
-    CK(cudaStreamSynchronize(s));
-    double err = 0;
+    // CPU reference of set 0 on the same expert slices
+    std::vector<float> c_gate((size_t)(n_used * ff)), c_up(c_gate.size()), c_out((size_t)(n_used * embd));
     std::vector<uint8_t> hg(gu_stride), hu(gu_stride), hd(dn_stride);
     for (int e = 0; e < n_used; e++) {
         const int32_t id = ids[(size_t)e];
         CK(cudaMemcpy(hg.data(), gate + (size_t)id * gu_stride, gu_stride, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(hu.data(), up + (size_t)id * gu_stride, gu_stride, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(hd.data(), down + (size_t)id * dn_stride, dn_stride, cudaMemcpyDeviceToHost));
-        std::vector<float> cg((size_t)ff), cu((size_t)ff), cd((size_t)embd);
-        ds4::cpu_matvec(gu_type, hg.data(), ff, embd, x.data(), cg.data());
-        ds4::cpu_matvec(gu_type, hu.data(), ff, embd, x.data(), cu.data());
-        ds4::cpu_matvec(down_type, hd.data(), embd, ff, act.data() + (size_t)e * ff, cd.data());
-        err = std::max(err, rel_diff(std::vector<float>(g_gate.begin() + e * ff, g_gate.begin() + (e + 1) * ff), cg));
-        err = std::max(err, rel_diff(std::vector<float>(g_up.begin() + e * ff, g_up.begin() + (e + 1) * ff), cu));
-        err = std::max(err, rel_diff(std::vector<float>(g_out.begin() + e * embd, g_out.begin() + (e + 1) * embd), cd));
+        ds4::cpu_matvec(gu_type, hg.data(), ff, embd, x.data(), c_gate.data() + (size_t)e * ff);
+        ds4::cpu_matvec(gu_type, hu.data(), ff, embd, x.data(), c_up.data() + (size_t)e * ff);
+        ds4::cpu_matvec(down_type, hd.data(), embd, ff, act.data() + (size_t)e * ff, c_out.data() + (size_t)e * embd);
     }
-    const double us = time_median_us(iters, s, [&](int i) { run(1 + i % (n_sets - 1)); });
-    for (void *p : {(void *)gate, (void *)up, (void *)down, (void *)d_ids, (void *)dx, (void *)d_gate, (void *)d_up,
-                    (void *)d_act, (void *)d_out})
-        CK(cudaFree(p));
     const double bytes = (double)n_used * (2.0 * gu_stride + dn_stride);
-    const double gbs = bytes / (us * 1e-6) / 1e9;
     std::string shape = std::to_string(n_used) + "/" + std::to_string(n_exp) + " x (2x " + std::to_string(ff) + "x" +
                         std::to_string(embd) + " " + ds4::type_name(gu_type) + " + " + std::to_string(embd) + "x" +
                         std::to_string(ff) + " " + ds4::type_name(down_type) + ")";
-    return {name, std::string(ds4::type_name(gu_type)) + "+" + ds4::type_name(down_type), shape, bytes, us, gbs,
-            100.0 * gbs / copy, err};
+    const std::string tname = std::string(ds4::type_name(gu_type)) + "+" + ds4::type_name(down_type);
+    std::vector<Row> out;
+    for (int ver : versions) {
+        ds4::cuda_set_matvec_version(ver);
+        CK(cudaMemsetAsync(d_gate, 0xff, c_gate.size() * 4, s));
+        CK(cudaMemsetAsync(d_up, 0xff, c_up.size() * 4, s));
+        CK(cudaMemsetAsync(d_out, 0xff, c_out.size() * 4, s));
+        run(0);
+        CK(cudaGetLastError());
+        std::vector<float> g_gate(c_gate.size()), g_up(c_up.size()), g_out(c_out.size());
+        CK(cudaMemcpyAsync(g_gate.data(), d_gate, g_gate.size() * 4, cudaMemcpyDeviceToHost, s));
+        CK(cudaMemcpyAsync(g_up.data(), d_up, g_up.size() * 4, cudaMemcpyDeviceToHost, s));
+        CK(cudaMemcpyAsync(g_out.data(), d_out, g_out.size() * 4, cudaMemcpyDeviceToHost, s));
+        CK(cudaStreamSynchronize(s));
+        const double err = std::max({rel_diff(g_gate, c_gate), rel_diff(g_up, c_up), rel_diff(g_out, c_out)});
+        const double us = time_median_us(iters, s, [&](int i) { run(1 + i % (n_sets - 1)); });
+        const double gus = time_graph_us(std::max(10, iters / kGraphCalls), s, [&](int i) { run(1 + i % (n_sets - 1)); });
+        out.push_back(make_row(name, tname, shape, ver, bytes, us, gus, err, copy));
+    }
+    for (void *p : {(void *)gate, (void *)up, (void *)down, (void *)d_ids, (void *)dx, (void *)d_gate, (void *)d_up,
+                    (void *)d_act, (void *)d_out})
+        CK(cudaFree(p));
+    return out;
 }
 
 }  // namespace
@@ -344,13 +406,32 @@ Row bench_experts(const char *name, int gu_type, int down_type, int64_t embd, in
 int main(int argc, char **argv) {
     int iters = 200;
     const char *csv = nullptr;
+    std::vector<int> versions = {2, 3, 4, 1};
     for (int i = 1; i < argc; i++) {
-        if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters = std::atoi(argv[++i]);
-        else if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv = argv[++i];
-        else {
-            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE]\n", argv[0]);
+        if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
+            iters = std::atoi(argv[++i]);
+        } else if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) {
+            csv = argv[++i];
+        } else if (!std::strcmp(argv[i], "--versions") && i + 1 < argc) {
+            versions.clear();
+            for (const char *p = argv[++i]; *p;) {
+                char *end;
+                const long v = std::strtol(p, &end, 10);
+                if (end == p || v < 0 || v > 4) {
+                    std::fprintf(stderr, "--versions: a comma-separated list of 0..4 (0 = per-type default)\n");
+                    return 2;
+                }
+                versions.push_back((int)v);
+                p = *end == ',' ? end + 1 : end;
+            }
+        } else {
+            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 2,3,4,1]\n", argv[0]);
             return 2;
         }
+    }
+    if (versions.empty() || iters < 1) {
+        std::fprintf(stderr, "nothing to run\n");
+        return 2;
     }
     int dev = 0;
     cudaDeviceProp prop;
@@ -362,25 +443,21 @@ int main(int argc, char **argv) {
     const double read = read_gbs(std::max(20, iters / 5), s, prop.multiProcessorCount);
 
     std::vector<Row> rows;
+    auto add = [&](std::vector<Row> r) { rows.insert(rows.end(), r.begin(), r.end()); };
     try {
-        // v2 = the default kernels; v1 = the first version (warp per row), kept as the baseline
-        for (int v : {2, 1}) {
-            ds4::cuda_set_matvec_version(v);
-            const std::string tag = v == 2 ? "" : " [v1]";
-            rows.push_back(bench_plain(("output head" + tag).c_str(), DS4_TYPE_Q8_0, {{129280, 4096}}, iters, copy, s));
-            rows.push_back(bench_plain(("attn_q_b" + tag).c_str(), DS4_TYPE_Q8_0, {{32768, 1024}}, iters, copy, s));
-            rows.push_back(bench_plain(("attn_output_a" + tag).c_str(), DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s));
-            rows.push_back(bench_plain(("attn_output_b" + tag).c_str(), DS4_TYPE_Q8_0, {{4096, 8192}}, iters, copy, s));
-            rows.push_back(bench_plain(("shared expert (gate, up, down)" + tag).c_str(), DS4_TYPE_Q8_0,
-                                       {{2048, 4096}, {2048, 4096}, {4096, 2048}}, iters, copy, s));
-            rows.push_back(bench_experts(("routed experts, Q2 file" + tag).c_str(), DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K,
-                                         4096, 2048, 256, 6, iters, copy, s));
-            rows.push_back(bench_experts(("routed experts, Q4 file" + tag).c_str(), DS4_TYPE_Q4_K, DS4_TYPE_Q4_K, 4096,
-                                         2048, 256, 6, iters, copy, s));
-            if (v == 2)
-                rows.push_back(bench_plain("token_embd-like F16 [4096x4096]", DS4_TYPE_F16, {{4096, 4096}}, iters, copy, s));
-        }
-        ds4::cuda_set_matvec_version(2);
+        // every kernel version on the same weights, side by side (v1 = the first version, the baseline)
+        add(bench_plain("output head", DS4_TYPE_Q8_0, {{129280, 4096}}, iters, copy, s, versions));
+        add(bench_plain("attn_q_b", DS4_TYPE_Q8_0, {{32768, 1024}}, iters, copy, s, versions));
+        add(bench_plain("attn_output_a", DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s, versions));
+        add(bench_plain("attn_output_b", DS4_TYPE_Q8_0, {{4096, 8192}}, iters, copy, s, versions));
+        add(bench_plain("shared expert (gate, up, down)", DS4_TYPE_Q8_0, {{2048, 4096}, {2048, 4096}, {4096, 2048}},
+                        iters, copy, s, versions));
+        add(bench_experts("routed experts, Q2 file", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters, copy, s,
+                          versions));
+        add(bench_experts("routed experts, Q4 file", DS4_TYPE_Q4_K, DS4_TYPE_Q4_K, 4096, 2048, 256, 6, iters, copy, s,
+                          versions));
+        add(bench_plain("token_embd-like F16 [4096x4096]", DS4_TYPE_F16, {{4096, 4096}}, iters, copy, s, {0}));
+        ds4::cuda_set_matvec_version(0);
     } catch (const ds4::Error &e) {
         std::fprintf(stderr, "engine error: %s\n", e.what());
         return 1;
@@ -389,24 +466,60 @@ int main(int argc, char **argv) {
     std::printf("## Matvec bandwidth on %s (sm_%d%d, %d SMs, L2 %d MB)\n\n", prop.name, prop.major, prop.minor,
                 prop.multiProcessorCount, prop.l2CacheSize >> 20);
     std::printf("Device-to-device copy (1 GiB, bytes read + written): **%.0f GB/s**; plain streaming read of 1 GiB "
-                "(16-byte loads): %.0f GB/s. Median of %d runs per case; weights rotated over >= 1.5 GB so L2 does not "
-                "serve them; GB/s = weight bytes read / time.\n\n",
-                copy, read, iters);
-    std::printf("| case | type | shape (rows x cols) | MB read | median us | GB/s | %% of copy | %% of read | max rel diff vs CPU |\n");
-    std::printf("|---|---|---|---:|---:|---:|---:|---:|---:|\n");
+                "(16-byte loads): %.0f GB/s. Weights rotated over >= 1.5 GB so L2 does not serve them; GB/s = weight "
+                "bytes read / time. *single*: median of %d calls, each timed alone (events around one call after a "
+                "synchronize: includes the launch latency). *graph*: %d calls back to back in one CUDA graph (how a "
+                "decode step runs them), median replay / %d. Version 0 = the per-type default.\n\n",
+                copy, read, iters, kGraphCalls, kGraphCalls);
+    std::printf("| case | ver | type | shape (rows x cols) | MB read | single us | single GB/s | single %% of copy | "
+                "graph us | graph GB/s | graph %% of copy | max rel diff vs CPU |\n");
+    std::printf("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     bool ok = true;
     for (const Row &r : rows) {
-        std::printf("| %s | %s | %s | %.1f | %.1f | %.0f | %.0f%% | %.0f%% | %.1e |\n", r.name.c_str(), r.type.c_str(),
-                    r.shape.c_str(), r.bytes / 1e6, r.us, r.gbs, r.pct, 100.0 * r.gbs / read, r.err);
+        std::printf("| %s | v%d | %s | %s | %.1f | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% | %.1e |\n",
+                    r.name.c_str(), r.ver, r.type.c_str(), r.shape.c_str(), r.bytes / 1e6, r.us, r.gbs, r.pct, r.gus,
+                    r.ggbs, r.gpct, r.err);
         ok = ok && r.err < 1e-3;
+    }
+    // side by side: graph % of copy per version, and the fastest correct version per case
+    std::printf("\n### Graph %% of copy per version (fastest correct version per case last; read %% = of plain read)\n\n");
+    std::printf("| case |");
+    for (int v : versions) std::printf(" v%d |", v);
+    std::printf(" fastest | its GB/s | its %% of read |\n|---|");
+    for (size_t i = 0; i < versions.size(); i++) std::printf("---:|");
+    std::printf("---|---:|---:|\n");
+    std::vector<std::string> names;
+    for (const Row &r : rows)
+        if (std::find(names.begin(), names.end(), r.name) == names.end()) names.push_back(r.name);
+    for (const std::string &n : names) {
+        std::printf("| %s |", n.c_str());
+        const Row *best = nullptr;
+        for (int v : versions) {
+            const Row *f = nullptr;
+            for (const Row &r : rows)
+                if (r.name == n && r.ver == v) f = &r;
+            if (!f) {
+                std::printf(" - |");
+                continue;
+            }
+            const bool good = f->err < 1e-3;
+            std::printf(" %.0f%%%s |", f->gpct, good ? "" : " (WRONG)");
+            if (good && (!best || f->gus < best->gus)) best = f;
+        }
+        if (best)
+            std::printf(" v%d | %.0f | %.0f%% |\n", best->ver, best->ggbs, 100.0 * best->ggbs / read);
+        else
+            std::printf(" none correct | - | - |\n");
     }
     if (csv) {
         FILE *f = std::fopen(csv, "w");
         if (f) {
-            std::fprintf(f, "case,type,shape,bytes,median_us,gbs,pct_of_copy,max_rel_diff,copy_gbs,read_gbs\n");
+            std::fprintf(f, "case,version,type,shape,bytes,median_us,gbs,pct_of_copy,graph_us,graph_gbs,graph_pct_of_copy,"
+                            "max_rel_diff,copy_gbs,read_gbs\n");
             for (const Row &r : rows)
-                std::fprintf(f, "\"%s\",%s,\"%s\",%.0f,%.2f,%.1f,%.1f,%.3e,%.1f,%.1f\n", r.name.c_str(),
-                             r.type.c_str(), r.shape.c_str(), r.bytes, r.us, r.gbs, r.pct, r.err, copy, read);
+                std::fprintf(f, "\"%s\",%d,%s,\"%s\",%.0f,%.2f,%.1f,%.1f,%.2f,%.1f,%.1f,%.3e,%.1f,%.1f\n",
+                             r.name.c_str(), r.ver, r.type.c_str(), r.shape.c_str(), r.bytes, r.us, r.gbs, r.pct, r.gus,
+                             r.ggbs, r.gpct, r.err, copy, read);
             std::fclose(f);
         }
     }
