@@ -83,6 +83,8 @@ main() {
     fi
 
     echo "== [3] synthetic full-size Q2 GGUF -> $synth"
+    df -h "$(dirname "$synth")" | tail -1
+    free -g | head -2
     local want=86714775900 have free_kb
     have=$(stat -c %s "$synth" 2>/dev/null || echo 0)
     if [ "$have" -lt "$want" ]; then

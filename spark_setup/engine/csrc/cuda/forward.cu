@@ -979,8 +979,9 @@ T *upload(const T *src, size_t n) {
     return d;
 }
 
-// Copy [src, src + n) host -> device through two pinned staging buffers filled by `threads` host threads;
-// drop each chunk's page cache after its copy (fd >= 0).
+// Copy [src, src + n) host -> device through two pinned staging buffers filled by several host threads (pread
+// from the file when fd >= 0, which skips the page faults of the mapping, else memcpy from the mapping); drop each
+// chunk's page cache after its copy.
 void staged_upload(uint8_t *dst, const uint8_t *src, uint64_t n, int fd, uint64_t file_off) {
     const size_t chunk = 256ull << 20;
     uint8_t *stage[2] = {nullptr, nullptr};
@@ -1009,7 +1010,17 @@ void staged_upload(uint8_t *dst, const uint8_t *src, uint64_t n, int fd, uint64_
             const size_t part = (len + n_thr - 1) / n_thr;
             for (int t = 0; t < n_thr; t++) {
                 const size_t a = (size_t)t * part, b = std::min(len, a + part);
-                if (a < b) thr.emplace_back([&, a, b] { std::memcpy(stage[k] + a, src + off + a, b - a); });
+                if (a < b)
+                    thr.emplace_back([&, a, b] {
+                        size_t done = 0;
+                        while (fd >= 0 && done < b - a) {
+                            const ssize_t got = pread(fd, stage[k] + a + done, b - a - done,
+                                                      (off_t)(file_off + off + a + done));
+                            if (got <= 0) break;
+                            done += (size_t)got;
+                        }
+                        if (done < b - a) std::memcpy(stage[k] + a + done, src + off + a + done, b - a - done);
+                    });
             }
             for (auto &t : thr) t.join();
             FW_CHECK(cudaMemcpyAsync(dst + off, stage[k], len, cudaMemcpyHostToDevice, stream));
