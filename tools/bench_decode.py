@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("model", type=Path)
     ap.add_argument("--lib", type=Path, help="libds4engine.so built with CUDA (default: $DS4_ENGINE_LIB)")
     ap.add_argument("--backend", default="cuda", choices=["cuda", "cpu"], help="cpu: to try the script on a tiny model")
-    ap.add_argument("--contexts", default="2048,8192,16384,32768")
+    ap.add_argument("--contexts", default="2048,8192,16384,32768,65536")
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--interval", type=int, default=2048, help="prefill chunk (tokens per eval call)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop before a context that would end later")
@@ -117,11 +117,12 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(1234)
     toks = rng.integers(1000, model.n_vocab - 1000, size=max_ctx).astype(np.int32)
     per_tok = None  # seconds per prefill token, measured
+    dec_tok = None  # seconds per decode token, measured
     logits = None
     for c in contexts:
         # would this context finish before the deadline?
         if per_tok is not None:
-            need = (c - sess.pos) * per_tok + args.decode * per_tok * 1.2 + 5
+            need = (c - sess.pos) * per_tok + args.decode * (dec_tok or 4 * per_tok) * 1.2 + 5
             if time.monotonic() + need > deadline:
                 print(f"ctx {c}: skipped (needs ~{need:.0f} s, deadline in {deadline - time.monotonic():.0f} s)",
                       flush=True)
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
             tok = int(np.argmax(logits))
         assert np.isfinite(logits).all(), "non-finite logits in decode"
         tg = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        dec_tok = 1.0 / tg
         bpt = bytes_per_token(c)
         row = {"ctx": c, "pp_tps": pp_tps, "pp_interval": last_n, "tg_tps": tg, "ms_per_token": 1000 / tg,
                "bytes_per_token": bpt, "roofline_tps": rd.value * 1e9 / bpt,

@@ -4,8 +4,8 @@
 #   2. tests/test_forward_cuda.py: CUDA forward pass vs the CPU engine on the tiny models (logits at every
 #      position, round-trips off and on, truncate == fresh, graphs == direct launches, errors);
 #   3. the full-size synthetic Q2 GGUF (tools/synthetic_q2_gguf.py) written to $SYNTH (default /dev/shm), timed;
-#   4. tools/bench_decode.py on it: bandwidth probe, load, prefill/decode t/s at 2048/8192/16384/32768 until the
-#      time budget is spent.
+#   4. tools/bench_decode.py on it: bandwidth probe, load, prefill/decode t/s at 2048/8192/16384/32768/65536 until
+#      the time budget is spent.
 # Needs: python3 + numpy + pytest, nvcc, cmake; the carried folder $DS4_GPU_MODELS (default .cache/gpu-models,
 # written by tools/gpu_model_files.py: s6/m8/k7 tiny GGUFs + tokenizer.json). Results: $OUT (device runner) or
 # bench/gpu_model_check/; the model parts under $OUT/model/.
