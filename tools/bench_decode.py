@@ -163,6 +163,21 @@ def main(argv=None) -> int:
               f"roofline {row['roofline_tps']:.0f} t/s -> {100 * row['roofline_frac']:.1f}%, "
               f"GPU mem {row['gpu_mem_gib']} GiB", flush=True)
     sess.close()
+    # launch overhead: short-context decode with the CUDA graphs vs direct launches (fresh small sessions)
+    if args.backend == "cuda" and time.monotonic() + 30 < deadline:
+        short = {}
+        for graphs in ("1", "0"):
+            os.environ["DS4_CUDA_GRAPHS"] = graphs
+            with model.new_session(256) as s2:
+                s2.eval(toks[:64])
+                t = time.monotonic()
+                for tk in toks[64:96]:
+                    s2.eval([int(tk)])
+                short[graphs] = 32 / (time.monotonic() - t)
+        os.environ.pop("DS4_CUDA_GRAPHS", None)
+        res["short_decode_graphs_tps"], res["short_decode_direct_tps"] = short["1"], short["0"]
+        print(f"short-context decode: {short['1']:.1f} t/s with CUDA graphs, {short['0']:.1f} t/s with direct "
+              "launches", flush=True)
     model.close()
     res["wall_s"] = time.monotonic() - t_start
 
@@ -179,6 +194,9 @@ def main(argv=None) -> int:
                  f"{res['load_s']:.1f} s for {res['file_bytes'] / 2**30:.2f} GiB ({res['load_gbs']:.1f} GB/s); GPU "
                  f"memory {res['gpu_mem_loaded_gib']} GiB after load (before: {res['gpu_mem_before_gib']}); "
                  f"session {res['session_bytes'] / 2**20:.0f} MiB; {res['version']}; {res['date']}.")
+    if "short_decode_graphs_tps" in res:
+        lines.append(f"Decode at context 64-96: {res['short_decode_graphs_tps']:.1f} t/s with CUDA graphs, "
+                     f"{res['short_decode_direct_tps']:.1f} t/s with direct launches (launch overhead).")
     table = "\n".join(lines)
     print(table)
     if args.out:
