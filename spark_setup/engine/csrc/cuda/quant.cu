@@ -224,6 +224,7 @@ struct PlainRows {
     __device__ const float *xin(int64_t) const { return x; }
     __device__ float *out(int64_t g) const { return y + g; }
     bool uniform_x_groups(int) const { return true; }  // one x for every row
+    static constexpr bool kConstWeights = true;        // row addresses depend on nothing a previous kernel writes
 };
 
 struct ExpertRows {
@@ -246,6 +247,7 @@ struct ExpertRows {
     __device__ float *out(int64_t g) const { return g >= per_mat ? y1 + (g - per_mat) : y0 + g; }
     // groups of `n` consecutive rows stay inside one expert (so they share x) when n divides n_rows
     bool uniform_x_groups(int n) const { return n_rows % n == 0; }
+    static constexpr bool kConstWeights = false;  // row addresses read the expert ids
 };
 
 // ---- the quantized matvec kernel -------------------------------------------------------------------------------
@@ -568,10 +570,20 @@ __device__ void iq2_tables(uint64_t *tabs) {
 }
 
 // Requires 16-byte aligned rows (row bytes and base) and, for every group of kRows consecutive rows, one x.
-// VER 2, 3, 4 pick the decode (Dec); v3+ stage rows carry one extra 16-byte chunk (ld8_a2 reads past the row).
+// VER 2, 3, 4, 5 pick the decode (Dec; 5 decodes as 4); v3+ stage rows carry one extra 16-byte chunk (ld8_a2 reads
+// past the row). VER 5 is launched with programmatic dependent launch (PDL, sm_90+): the kernel lets the next
+// kernel of the stream launch at once (griddepcontrol.launch_dependents), and waits for the previous one
+// (griddepcontrol.wait) only before reading anything that kernel may have written: x, expert ids, y. Plain rows
+// start streaming their first weight tile before that wait (weights are constant during a decode step), so the
+// launch latency and the ramp overlap the previous kernel's tail. Launched without the attribute, both are no-ops.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
 template <int T, class Rows, int VER>
 __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_rows, int nblocks) {
     using V = typename Dec<T, VER>::type;
+    constexpr bool PDL = VER >= 5;
+    if (PDL) pdl_launch_dependents();
     constexpr int TB = V::BB * V::BPT, CH = TB / 16, RS = CH + (VER >= 3 ? 1 : 0);
     static_assert(TB % 16 == 0 && V::ROUNDS * 256 == V::BPT * V::BV, "tile geometry");
     __shared__ uint4 stage[kW2][2][kRows][RS];
@@ -582,6 +594,7 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
     const int64_t n_groups = (total_rows + kRows - 1) / kRows;
     const int64_t n_warps = (int64_t)gridDim.x * kW2;
     int64_t g = (int64_t)blockIdx.x * kW2 + warp;
+    if (PDL && !Rows::kConstWeights) pdl_wait();  // expert rows: the weight addresses depend on the router's ids
     if (g >= n_groups) return;
     const int tpr = (nblocks + V::BPT - 1) / V::BPT;
 
@@ -600,6 +613,7 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
 
     int t = 0, st = 0;
     issue(g, t, st);
+    if (PDL && Rows::kConstWeights) pdl_wait();  // before the first x read and any y write
     float acc[kRows];
 #pragma unroll
     for (int rr = 0; rr < kRows; rr++) acc[rr] = 0.0f;
@@ -646,7 +660,7 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
     cp_async_wait0();
 }
 
-// Kernel version: cuda_set_matvec_version(v), v = 1..4, forces one version for every quant type; 0 (the default;
+// Kernel version: cuda_set_matvec_version(v), v = 1..5, forces one version for every quant type; 0 (the default;
 // the environment variable DS4_MATVEC_VERSION=N overrides it at the first launch) picks per type (auto_version).
 int g_matvec_version = -1;  // -1 = not read from the environment yet
 
@@ -658,7 +672,7 @@ int matvec_version_for(int type) {
     if (g_matvec_version < 0) {
         const char *e = std::getenv("DS4_MATVEC_VERSION");
         const int v = e ? std::atoi(e) : 0;
-        g_matvec_version = v >= 0 && v <= 4 ? v : 0;
+        g_matvec_version = v >= 0 && v <= 5 ? v : 0;
     }
     return g_matvec_version > 0 ? g_matvec_version : auto_version(type);
 }
@@ -749,7 +763,23 @@ template <int T, class Rows, int VER>
 void launch_v(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     auto k = matvec_v2<T, Rows, VER>;
     static int per_sm = 0;
-    k<<<grid_for(k, &per_sm, 32 * kW2, total, kW2 * kRows), 32 * kW2, 0, s>>>(rows, total, (int)(n_cols / Q<T>::BV));
+    const int grid = grid_for(k, &per_sm, 32 * kW2, total, kW2 * kRows);
+    const int nblocks = (int)(n_cols / Q<T>::BV);
+    if (VER < 5) {
+        k<<<grid, 32 * kW2, 0, s>>>(rows, total, nblocks);
+        return;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3(32 * kW2);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    DS4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, rows, total, nblocks));
 }
 
 template <int T, bool AL, class Rows>
@@ -760,8 +790,10 @@ void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
             launch_v<T, Rows, 2>(rows, total, n_cols, s);
         else if (ver == 3)
             launch_v<T, Rows, 3>(rows, total, n_cols, s);
-        else
+        else if (ver == 4)
             launch_v<T, Rows, 4>(rows, total, n_cols, s);
+        else
+            launch_v<T, Rows, 5>(rows, total, n_cols, s);
         return;
     }
     auto k = matvec_q<T, AL, Rows>;

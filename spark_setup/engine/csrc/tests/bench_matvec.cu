@@ -199,7 +199,15 @@ double time_graph_us(int reps, cudaStream_t s, F &&run) {
     cudaGraph_t g;
     cudaGraphExec_t ge;
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    for (int i = 0; i < kGraphCalls; i++) run(i);
+    try {
+        for (int i = 0; i < kGraphCalls; i++) run(i);
+    } catch (...) {  // a launch failed during capture: end the capture so the stream stays usable
+        cudaGraph_t bad = nullptr;
+        cudaStreamEndCapture(s, &bad);
+        if (bad) cudaGraphDestroy(bad);
+        cudaGetLastError();
+        throw;
+    }
     CK(cudaStreamEndCapture(s, &g));
     CK(cudaGraphInstantiate(&ge, g, 0));
     cudaEvent_t e0, e1;
@@ -273,7 +281,7 @@ std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::
         for (size_t k = 0; k < mats.size(); k++)
             ds4::cuda_matvec(type, W[i % copies][k], mats[k].first, mats[k].second, dx, dy, s);
     };
-    for (int ver : versions) {
+    for (int ver : versions) try {
         ds4::cuda_set_matvec_version(ver);
         double err = 0;  // poisoned output, then every matrix of copy 0 against the CPU kernel
         for (size_t k = 0; k < mats.size(); k++) {
@@ -289,6 +297,9 @@ std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::
         const double us = time_median_us(iters, s, run);
         const double gus = time_graph_us(std::max(10, iters / kGraphCalls), s, run);
         out.push_back(make_row(name, ds4::type_name(type), shape, ver, (double)set_bytes, us, gus, err, copy));
+    } catch (const ds4::Error &e) {  // one version failing must not hide the others' numbers
+        std::fprintf(stderr, "%s v%d: engine error: %s\n", name, ver, e.what());
+        out.push_back(make_row(name, ds4::type_name(type), shape, ver, (double)set_bytes, NAN, NAN, INFINITY, copy));
     }
     for (auto &v : W)
         for (auto *p : v) CK(cudaFree(p));
@@ -378,7 +389,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
                         std::to_string(ff) + " " + ds4::type_name(down_type) + ")";
     const std::string tname = std::string(ds4::type_name(gu_type)) + "+" + ds4::type_name(down_type);
     std::vector<Row> out;
-    for (int ver : versions) {
+    for (int ver : versions) try {
         ds4::cuda_set_matvec_version(ver);
         CK(cudaMemsetAsync(d_gate, 0xff, c_gate.size() * 4, s));
         CK(cudaMemsetAsync(d_up, 0xff, c_up.size() * 4, s));
@@ -394,6 +405,9 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
         const double us = time_median_us(iters, s, [&](int i) { run(1 + i % (n_sets - 1)); });
         const double gus = time_graph_us(std::max(10, iters / kGraphCalls), s, [&](int i) { run(1 + i % (n_sets - 1)); });
         out.push_back(make_row(name, tname, shape, ver, bytes, us, gus, err, copy));
+    } catch (const ds4::Error &e) {
+        std::fprintf(stderr, "%s v%d: engine error: %s\n", name, ver, e.what());
+        out.push_back(make_row(name, tname, shape, ver, bytes, NAN, NAN, INFINITY, copy));
     }
     for (void *p : {(void *)gate, (void *)up, (void *)down, (void *)d_ids, (void *)dx, (void *)d_gate, (void *)d_up,
                     (void *)d_act, (void *)d_out})
@@ -406,7 +420,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
 int main(int argc, char **argv) {
     int iters = 200;
     const char *csv = nullptr;
-    std::vector<int> versions = {2, 3, 4, 1};
+    std::vector<int> versions = {2, 3, 4, 5, 1};
     for (int i = 1; i < argc; i++) {
         if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
             iters = std::atoi(argv[++i]);
@@ -417,15 +431,15 @@ int main(int argc, char **argv) {
             for (const char *p = argv[++i]; *p;) {
                 char *end;
                 const long v = std::strtol(p, &end, 10);
-                if (end == p || v < 0 || v > 4) {
-                    std::fprintf(stderr, "--versions: a comma-separated list of 0..4 (0 = per-type default)\n");
+                if (end == p || v < 0 || v > 5) {
+                    std::fprintf(stderr, "--versions: a comma-separated list of 0..5 (0 = per-type default)\n");
                     return 2;
                 }
                 versions.push_back((int)v);
                 p = *end == ',' ? end + 1 : end;
             }
         } else {
-            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 2,3,4,1]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 2,3,4,5,1]\n", argv[0]);
             return 2;
         }
     }
