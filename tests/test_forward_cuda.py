@@ -118,8 +118,9 @@ def test_cuda_matches_cpu_without_roundtrips(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_cuda_matches_cpu_with_roundtrips(name):
-    """Official round-trips ON: FP8/FP4 rounding can flip one quantization step where the inputs differ by f32
-    rounding, so the bound is looser; the measured error is reported."""
+    """Official round-trips ON: FP8/FP4 rounding can flip one quantization step where the two backends' inputs
+    differ by f32 rounding (a KV value moves by 1/16), so the bounds only catch a wrong round-trip (errors of order
+    one); the measured errors are reported. The round-trips must change the logits."""
     lib = _lib()
     path = tiny_model(name)
     prompt = _prompt(_n_vocab(path, lib), PREFILL, seed=PROMPT_SEED[name])
@@ -130,8 +131,10 @@ def test_cuda_matches_cpu_with_roundtrips(name):
     _report(f"{name} roundtrip=on max rel err", float(err.max()))
     _report(f"{name} roundtrip=on median rel err", float(np.median(err)))
     _report(f"{name} roundtrip=on argmax agreement", float((got.argmax(1) == ref.argmax(1)).mean()))
-    assert np.median(err) < 1e-3
-    assert err.max() < 0.1
+    assert np.median(err) < 1e-2
+    assert err.max() < 0.5
+    off = _cuda_run(path, toks, PREFILL, False, lib)
+    assert _rel_err(off, got).max() > 1e-4, "round-trips ON must change the logits"
 
 
 def _n_vocab(path: Path, lib) -> int:
