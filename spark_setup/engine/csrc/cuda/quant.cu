@@ -634,6 +634,9 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
         const int nvalid = min(V::BPT, nblocks - t * V::BPT);
         const float *xt = rows.xin(g * kRows) + (int64_t)t * V::BPT * V::BV;
         const uint8_t *tile = reinterpret_cast<const uint8_t *>(stage[warp][st][0]);
+// v3+: unrolled (Q8_0 fully, 4 rounds; the others by 2, to keep the code within the instruction cache) so that
+// per-lane addresses fold into immediates and the next round's loads issue before this round's arithmetic
+#pragma unroll(VER >= 3 ? (V::ROUNDS <= 4 ? V::ROUNDS : 2) : 1)
         for (int k = 0; k < V::ROUNDS; k++) {
             if (!V::valid(k, lane, nvalid)) continue;
             const float4 a = ldx4(xt + 256 * k + 8 * lane), b = ldx4(xt + 256 * k + 8 * lane + 4);
