@@ -84,9 +84,9 @@ def _cuda_run(path: Path, toks: np.ndarray, n_prompt: int, roundtrip: bool, lib)
 
     with Model(path, backend="cuda", lib=lib) as m, m.new_session(len(toks) + 8, roundtrip) as s:
         rows = [s.eval(toks[:n_prompt], all_logits=True)]
-        for t in toks[n_prompt:len(toks) - 1]:
+        for t in toks[n_prompt:]:  # the CPU run evaluated every token of toks, the last greedy one included
             rows.append(s.eval([int(t)], all_logits=True))
-        assert s.pos == len(toks) - 1
+        assert s.pos == len(toks)
     return np.concatenate(rows)
 
 
