@@ -48,6 +48,7 @@ def test_version_and_help(tmp_path):
     (["doctor", "--host", ""], ["host"]),
     (["no-such-command"], ["no-such-command"]),
     (["config", "show", "--port", "0"], ["port"]),
+    (["serve", "--foreground", "--enable"], ["--foreground", "--enable"]),
 ])
 def test_bad_flags(tmp_path, args, needles):
     assert_one_line_usage_error(cli(args, tmp_path), *needles)

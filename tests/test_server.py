@@ -209,6 +209,12 @@ def test_prefix_of_the_live_session_is_reused(client, server):
     assert after["reused_tokens"] - before["reused_tokens"] >= 8
 
 
+def test_health_reports_the_last_decode_speed(client, server):
+    ask(client, Q_PLAIN)  # a multi-token answer: its decode speed is measurable
+    speed = server.health()["stats"]["last_decode_tokens_per_s"]
+    assert isinstance(speed, (int, float)) and speed > 0
+
+
 def long_body(content=UNTRAINED, n=150, **kw) -> dict:
     """A request that generates exactly n tokens: greedy, end-of-sentence banned through logit_bias."""
     return {"messages": [{"role": "user", "content": content}], "max_tokens": n, "temperature": 0,

@@ -126,6 +126,9 @@ def register(app: typer.Typer) -> None:
         settings = settings_from(prefix, models_dir, state_dir, port, host)
         if max_queue < 0:
             raise UsageError(f"--max-queue must be >= 0, got {max_queue}")
+        if foreground and (enable or user or system or dry_run):
+            raise UsageError("--foreground runs the server here; --enable/--user/--system/--dry-run manage the "
+                             "systemd service: pick one", "spark-setup serve --foreground, or spark-setup serve --enable")
         if not foreground:
             raise typer.Exit(_manage_service(settings, model=model, demo=demo, enable=enable, user=user,
                                              system=system, dry_run=dry_run))

@@ -324,6 +324,8 @@ class Worker:
                    "decode_tokens_per_s": round((n_gen - 1) / (elapsed - t_first), 2)
                    if t_first is not None and n_gen > 1 and elapsed > t_first else None,
                    "queued_s": round(t0 - job.enqueued, 4)}
+        if timings["decode_tokens_per_s"] is not None:  # shown by `spark-setup status` through /health
+            self.stats["last_decode_tokens_per_s"] = timings["decode_tokens_per_s"]
         usage = {"prompt_tokens": len(job.prompt), "completion_tokens": n_gen,
                  "total_tokens": len(job.prompt) + n_gen}
         log.info("generation finish=%s prompt=%d reused=%d completion=%d ttft=%s tok/s=%s queued=%.3fs", finish,
