@@ -53,6 +53,39 @@ def bytes_per_token(ctx: int) -> int:
 DS4_H200 = {2048: (1350, 33.4), 8192: (1313, 32.2), 16384: (1246, 32.0), 32768: (1238, 29.3), 65536: (1004, 27.3)}
 
 
+def compare_prefill(model, toks, interval: int, spec: str, deadline: float) -> list:
+    """Prefill toks[:interval] in a fresh session per config BATCH:GEMM (env read at session creation)."""
+    keys = ("DS4_CUDA_PREFILL_BATCH", "DS4_CUDA_PREFILL_GEMM")
+    saved = {k: os.environ.get(k) for k in keys}
+    rows, ref = [], None
+    try:
+        for cfg in spec.split(","):
+            batch, gemm = (cfg.split(":") + ["0"])[:2]
+            if rows and time.monotonic() + 2 * max(interval / r["pp_tps"] for r in rows) + 10 > deadline:
+                print(f"prefill compare {cfg}: skipped (deadline)", flush=True)
+                continue
+            os.environ[keys[0]], os.environ[keys[1]] = batch, gemm
+            with model.new_session(interval + 8) as s:
+                t = time.monotonic()
+                lg = s.eval(toks[:interval])
+                d = time.monotonic() - t
+            rel = None if ref is None else float(np.abs(lg - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+            if ref is None:
+                ref = lg
+            row = {"batch": int(batch), "gemm": int(gemm), "pp_tps": interval / d, "finite": bool(np.isfinite(lg).all()),
+                   "argmax": int(np.argmax(lg)), "rel_vs_first": rel}
+            rows.append(row)
+            print(f"prefill compare batch {batch} gemm {gemm}: {row['pp_tps']:.1f} t/s over {interval} tokens "
+                  f"(finite {row['finite']}, argmax {row['argmax']}, rel diff vs first {rel})", flush=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rows
+
+
 def gpu_name() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -81,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop before a context that would end later")
     ap.add_argument("--bw-gib", type=float, default=8.0)
     ap.add_argument("--out", type=Path, default=None, help="directory for bench.json / bench.md")
+    ap.add_argument("--compare", default="", help="prefill configs BATCH:GEMM,... (DS4_CUDA_PREFILL_BATCH, "
+                    "DS4_CUDA_PREFILL_GEMM), each timed over the first interval in a fresh session before the "
+                    "walk; the last logits are compared with the first config's")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     deadline = t_start + args.deadline_s
@@ -92,6 +128,7 @@ def main(argv=None) -> int:
     lib = _lib.load()
     contexts = [int(c) for c in args.contexts.split(",")]
     res: dict = {"prefill_batch": int(os.environ.get("DS4_CUDA_PREFILL_BATCH", "1") or 1),
+                 "prefill_gemm": int(os.environ.get("DS4_CUDA_PREFILL_GEMM", "0") or 0),
                  "model": str(args.model), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "version": lib.ds4_version_string().decode(), "rows": []}
 
@@ -112,10 +149,12 @@ def main(argv=None) -> int:
           flush=True)
 
     max_ctx = max(contexts) + args.decode + 8
-    sess = model.new_session(max_ctx)
-    res["session_bytes"] = sess.nbytes
     rng = np.random.default_rng(1234)
     toks = rng.integers(1000, model.n_vocab - 1000, size=max_ctx).astype(np.int32)
+    if args.compare:
+        res["prefill_compare"] = compare_prefill(model, toks, args.interval, args.compare, deadline)
+    sess = model.new_session(max_ctx)
+    res["session_bytes"] = sess.nbytes
     per_tok = None  # seconds per prefill token, measured
     dec_tok = None  # seconds per decode token, measured
     logits = None
@@ -203,6 +242,10 @@ def main(argv=None) -> int:
     if "short_decode_graphs_tps" in res:
         lines.append(f"Decode at context 64-96: {res['short_decode_graphs_tps']:.1f} t/s with CUDA graphs, "
                      f"{res['short_decode_direct_tps']:.1f} t/s with direct launches (launch overhead).")
+    for r in res.get("prefill_compare", []):
+        lines.append(f"Prefill 0 -> {args.interval} in a fresh session, DS4_CUDA_PREFILL_BATCH={r['batch']} "
+                     f"DS4_CUDA_PREFILL_GEMM={r['gemm']}: {r['pp_tps']:.0f} t/s (last logits: finite {r['finite']}, "
+                     f"argmax {r['argmax']}, max rel diff vs the first config {r['rel_vs_first']}).")
     table = "\n".join(lines)
     print(table)
     if args.out:
@@ -213,7 +256,7 @@ def main(argv=None) -> int:
                 "`tools/gpu_model_check.sh`). Weights: tools/synthetic_q2_gguf.py (the real Q2 layout, random tame "
                 "values), loaded into GPU memory. Prefill: steps of "
                 f"{res['prefill_batch']} token(s) (DS4_CUDA_PREFILL_BATCH; 1 = token by token through the decode "
-                "step). Decode t/s = (tokens - 1) / (last - first token time), greedy, logits copied to the "
+                f"step), DS4_CUDA_PREFILL_GEMM={res['prefill_gemm']}. Decode t/s = (tokens - 1) / (last - first token time), greedy, logits copied to the "
                 "host every token. Roofline = pure-read bandwidth / bytes read per token (ds4-model-facts G, F32 KV "
                 "rows). ds4 columns: platform-facts section 8 (same synthetic file, same GPU kind).", ""]
         if res.get("skipped"):

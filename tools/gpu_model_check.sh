@@ -26,7 +26,7 @@ main() {
     models=${DS4_GPU_MODELS:-$repo/.cache/gpu-models}
     synth=${SYNTH:-/dev/shm/ds4-synth-q2.gguf}
 
-    local steps=${STEPS:-1234} batch_ok=1
+    local steps=${STEPS:-1234} batch_ok=1 gemm_ok=0
     cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
     arch=${ARCH:-$cc}
     bd=$repo/build/gpu-sm_$arch
@@ -74,6 +74,11 @@ main() {
        ! grep -Eq '[0-9]+ passed' "$mo/test_forward_cuda.txt"; then
         batch_ok=0
     fi
+    # the version-2 batched prefill (DS4_CUDA_PREFILL_GEMM=1) likewise, on its own tests
+    if ! grep -Eq 'FAILED.*gemm' "$mo/test_forward_cuda.txt" && grep -Eq '[0-9]+ passed' "$mo/test_forward_cuda.txt"; then
+        gemm_ok=1
+    fi
+    echo "   batched prefill v1 (BATCH<=16) tests ok: $batch_ok; v2 (PREFILL_GEMM=1) tests ok: $gemm_ok"
     echo "   step 2 done at $((SECONDS - t0)) s"
     fi
 
@@ -115,9 +120,22 @@ main() {
         return $status
     fi
     echo "== [4] full-size benchmark (deadline: $((budget - (SECONDS - t0) - 20)) s from now)"
-    local batch=${DS4_CUDA_PREFILL_BATCH:-$([ $batch_ok = 1 ] && echo 16 || echo 1)}
-    echo "   prefill steps of $batch token(s) (DS4_CUDA_PREFILL_BATCH)"
-    if ! DS4_CUDA_PREFILL_BATCH=$batch python3 tools/bench_decode.py "$synth" --lib "$lib" --out "$mo" \
+    # the walk over the contexts uses the v2 prefill when its tests passed (else v1 steps of 16, else 1);
+    # DS4_CUDA_PREFILL_BATCH / DS4_CUDA_PREFILL_GEMM in the environment override. Before the walk, the prefill of
+    # the first 2048 tokens is timed in fresh sessions for each config of COMPARE (BATCH:GEMM,...).
+    local batch gemm old compare
+    old=$([ $batch_ok = 1 ] && echo 16 || echo 1)
+    if [ -n "${DS4_CUDA_PREFILL_BATCH:-}" ]; then
+        batch=$DS4_CUDA_PREFILL_BATCH gemm=${DS4_CUDA_PREFILL_GEMM:-0}
+    elif [ $gemm_ok = 1 ]; then
+        batch=${GEMM_BATCH:-256} gemm=1
+    else
+        batch=$old gemm=0
+    fi
+    compare=${COMPARE:-$old:0$([ $gemm_ok = 1 ] && echo ,32:1,128:1)}
+    echo "   prefill steps of $batch token(s) (DS4_CUDA_PREFILL_BATCH), DS4_CUDA_PREFILL_GEMM=$gemm; compare: $compare"
+    if ! DS4_CUDA_PREFILL_BATCH=$batch DS4_CUDA_PREFILL_GEMM=$gemm python3 tools/bench_decode.py "$synth" --lib "$lib" \
+            --out "$mo" --compare "$compare" \
             --deadline-s $((budget - (SECONDS - t0) - 20)) 2>&1 | tee "$mo/bench_decode.txt"; then
         status=1
     fi

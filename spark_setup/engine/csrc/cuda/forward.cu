@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common.h"
+#include "iq2xxs_grid.h"
 #include "model.h"
 #include "model_cuda.h"
 #include "quant.h"
@@ -54,7 +55,8 @@ constexpr int kMaxHc = 8;           // hyper-connection streams supported by the
 constexpr int kMaxLaneVals = 16;    // attention: head_dim / 32 values per lane (head_dim <= 512)
 constexpr int kAttnWarps = 8;
 constexpr int kHcwLd = 2 * kMaxHc + kMaxHc * kMaxHc;  // floats of one token's HC weights [pre | post | comb]
-constexpr int kMaxBatch = 16;  // tokens per batched prefill step
+constexpr int kMaxBatch = 256;  // tokens per batched prefill step
+constexpr int kMmBatch = 16;    // tokens per mm_kernel launch (the version-1 batched product)
 
 double gib(uint64_t b) { return (double)b / (1024.0 * 1024.0 * 1024.0); }
 
@@ -860,19 +862,19 @@ template <int T>
 __global__ void __launch_bounds__(32 * kMmWarps)
     mm_kernel(const uint8_t *W, size_t rb, int n_rows, int n_cols, const float *X, int64_t x_ld, float *Y,
               int64_t y_ld, int nb, int rpg, int64_t xgs) {
-    __shared__ __align__(16) float xs[kMaxBatch][kMmTile];
+    __shared__ __align__(16) float xs[kMmBatch][kMmTile];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int r0 = blockIdx.x * kMmRows; r0 < n_rows; r0 += gridDim.x * kMmRows) {
         const int64_t xoff = (int64_t)(r0 / rpg) * xgs;
-        float acc[kMmRowsPerWarp][kMaxBatch];
+        float acc[kMmRowsPerWarp][kMmBatch];
 #pragma unroll
         for (int r = 0; r < kMmRowsPerWarp; r++)
 #pragma unroll
-            for (int b = 0; b < kMaxBatch; b++) acc[r][b] = 0.0f;
+            for (int b = 0; b < kMmBatch; b++) acc[r][b] = 0.0f;
         for (int c0 = 0; c0 < n_cols; c0 += kMmTile) {
             const int tc = min(kMmTile, n_cols - c0);
             __syncthreads();
-            for (int i = threadIdx.x; i < kMaxBatch * kMmTile; i += blockDim.x) {
+            for (int i = threadIdx.x; i < kMmBatch * kMmTile; i += blockDim.x) {
                 const int b = i / kMmTile, j = i % kMmTile;
                 xs[b][j] = (b < nb && j < tc) ? X[b * x_ld + xoff + c0 + j] : 0.0f;
             }
@@ -886,7 +888,7 @@ __global__ void __launch_bounds__(32 * kMmWarps)
                     float w[8];
                     load8<T>(W + (size_t)row * rb, c0 + j0, w);
 #pragma unroll
-                    for (int b = 0; b < kMaxBatch; b++) {
+                    for (int b = 0; b < kMmBatch; b++) {
                         if (b < nb) {
                             const float4 x0 = *reinterpret_cast<const float4 *>(&xs[b][j0]);
                             const float4 x1 = *reinterpret_cast<const float4 *>(&xs[b][j0 + 4]);
@@ -909,12 +911,311 @@ __global__ void __launch_bounds__(32 * kMmWarps)
         for (int r = 0; r < kMmRowsPerWarp; r++) {
             const int row = r0 + warp * kMmRowsPerWarp + r;
 #pragma unroll
-            for (int b = 0; b < kMaxBatch; b++) {
+            for (int b = 0; b < kMmBatch; b++) {
                 if (b < nb) {  // uniform: every lane reduces
                     const float v = warp_sum_t(acc[r][b]);
                     if (lane == 0 && row < n_rows) Y[b * y_ld + row] = v;
                 }
             }
+        }
+    }
+}
+
+// ---- batched prefill, version 2 (DS4_CUDA_PREFILL_GEMM=1): one kernel for every weight type and for the routed
+// experts grouped by expert. A block owns kQRows x kQWarps weight rows; each lane dequantizes 8 consecutive
+// weights of each of its warp's rows into registers once and multiplies them with up to kQNB tokens staged in
+// shared memory (the weight bytes are read once per kQNB tokens, not once per token). Tokens come in groups of
+// kQNB; a longer token range loops over the weight rows again (L2 usually still holds them). Expert mode:
+// blockIdx.y = expert e, its tokens are the sorted pair slots [off[e], off[e+1]) (an unused expert's blocks return
+// at once, so its weights are never read); X row of slot j = x_idx[j] (the token), Y row = j.
+constexpr int kQWarps = 4, kQRows = 4, kQBlockRows = kQWarps * kQRows, kQTile = 512, kQNB = 8;
+
+__device__ const uint64_t pf_iq2_grid[256] = {DS4_IQ2XXS_GRID_VALUES};
+
+__device__ __forceinline__ uint32_t ld_u32_2(const uint8_t *p) {  // 2-byte aligned
+    const unsigned short *h = reinterpret_cast<const unsigned short *>(p);
+    return (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+}
+
+// Weights c .. c+7 of a row (c % 8 == 0) in two phases, so a tile's loads are all in flight before the first
+// use: raw8 loads the bytes (<= 8 words), dec8 turns them into floats with the CPU dequantizers' arithmetic
+// (cpu/quant.cpp; products and differences rounded separately, as there, no contraction).
+__device__ __forceinline__ uint32_t ld_u16(const uint8_t *p) { return *reinterpret_cast<const unsigned short *>(p); }
+__device__ __forceinline__ float f16_bits(uint32_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
+
+template <int T>
+__device__ __forceinline__ void raw8(const uint8_t *row, int c, uint32_t (&r)[8]) {
+    if (T == DS4_TYPE_F32) {
+        const uint32_t *p = reinterpret_cast<const uint32_t *>(row) + c;
+#pragma unroll
+        for (int e = 0; e < 8; e++) r[e] = p[e];
+    } else if (T == DS4_TYPE_F16) {
+        const uint8_t *p = row + 2 * (size_t)c;
+#pragma unroll
+        for (int e = 0; e < 4; e++) r[e] = ld_u32_2(p + 4 * e);
+    } else if (T == DS4_TYPE_Q8_0) {
+        const uint8_t *b = row + 34 * (size_t)(c / 32);
+        r[0] = ld_u16(b);
+        r[1] = ld_u32_2(b + 2 + (c % 32));
+        r[2] = ld_u32_2(b + 2 + (c % 32) + 4);
+    } else if (T == DS4_TYPE_Q2_K) {
+        const uint8_t *b = row + 84 * (size_t)(c / 256);
+        const int i = c % 256, half = i / 128, j = (i % 128) / 32, l0 = i % 32;
+        r[0] = b[8 * half + 2 * j + l0 / 16];
+        r[1] = ld_u32_2(b + 80);  // d | dmin << 16
+        r[2] = ld_u32_2(b + 16 + 32 * half + l0);
+        r[3] = ld_u32_2(b + 16 + 32 * half + l0 + 4);
+    } else if (T == DS4_TYPE_Q4_K) {
+        const uint8_t *b = row + 144 * (size_t)(c / 256);
+        const int i = c % 256, sb = i / 32, l0 = i % 32;
+        const uint8_t *s = b + 4;
+        r[0] = ld_u32_2(b);  // d | dmin << 16
+        r[1] = (uint32_t)s[sb] | ((uint32_t)s[sb + 4] << 8) | ((uint32_t)s[sb < 4 ? sb : sb - 4] << 16);
+        r[2] = ld_u32_2(b + 16 + 32 * (sb / 2) + l0);
+        r[3] = ld_u32_2(b + 16 + 32 * (sb / 2) + l0 + 4);
+    } else {  // IQ2_XXS
+        const uint8_t *b = row + 66 * (size_t)(c / 256);
+        const int i = c % 256, g = i / 32, k = (i % 32) / 8;
+        const uint8_t *grp = b + 2 + 8 * g;
+        r[0] = ld_u16(b);
+        r[1] = ld_u32_2(grp + 4);
+        r[2] = grp[k];
+    }
+}
+
+template <int T>
+__device__ __forceinline__ void dec8(const uint32_t (&r)[8], int c, float (&w)[8]) {
+    if (T == DS4_TYPE_F32) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) w[e] = __uint_as_float(r[e]);
+    } else if (T == DS4_TYPE_F16) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            w[2 * e] = f16_bits(r[e] & 0xffffu);
+            w[2 * e + 1] = f16_bits(r[e] >> 16);
+        }
+    } else if (T == DS4_TYPE_Q8_0) {
+        const float d = f16_bits(r[0]);
+#pragma unroll
+        for (int e = 0; e < 8; e++) w[e] = __fmul_rn((float)(int8_t)((r[1 + e / 4] >> (8 * (e & 3))) & 0xff), d);
+    } else if (T == DS4_TYPE_Q2_K) {
+        const int j = ((c % 256) % 128) / 32;
+        const uint32_t sc = r[0];
+        const float dl = __fmul_rn(f16_bits(r[1] & 0xffffu), (float)(sc & 0xf));
+        const float ml = __fmul_rn(f16_bits(r[1] >> 16), (float)(sc >> 4));
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const float q = (float)((r[2 + e / 4] >> (8 * (e & 3) + 2 * j)) & 3u);
+            w[e] = __fsub_rn(__fmul_rn(dl, q), ml);
+        }
+    } else if (T == DS4_TYPE_Q4_K) {
+        const int sb = (c % 256) / 32;
+        const uint32_t s0 = r[1] & 0xff, s4 = (r[1] >> 8) & 0xff, sm4 = (r[1] >> 16) & 0xff;
+        uint32_t sc, mn;
+        if (sb < 4) {
+            sc = s0 & 63u;
+            mn = s4 & 63u;
+        } else {  // s[sb + 4] = s4, s[sb - 4] = sm4, s[sb] = s0
+            sc = (s4 & 15u) | ((sm4 >> 6) << 4);
+            mn = (s4 >> 4) | ((s0 >> 6) << 4);
+        }
+        const float ds = __fmul_rn(f16_bits(r[0] & 0xffffu), (float)sc);
+        const float dm = __fmul_rn(f16_bits(r[0] >> 16), (float)mn);
+        const int shift = (sb & 1) * 4;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const float q = (float)((r[2 + e / 4] >> (8 * (e & 3) + shift)) & 15u);
+            w[e] = __fsub_rn(__fmul_rn(ds, q), dm);
+        }
+    } else {  // IQ2_XXS
+        const int k = ((c % 256) % 32) / 8;
+        const uint32_t w1 = r[1];
+        const float db = __fmul_rn(__fmul_rn(f16_bits(r[0]), 0.5f + (float)(w1 >> 28)), 0.25f);
+        const uint64_t gv = pf_iq2_grid[r[2]];
+        const uint32_t signs = iq2xxs_sign_byte((w1 >> (7 * k)) & 127u);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const float v = __fmul_rn(db, (float)((gv >> (8 * e)) & 0xff));
+            w[e] = (signs >> e) & 1u ? -v : v;
+        }
+    }
+}
+
+struct MmqArgs {
+    const uint8_t *W[2];
+    float *Y[2];
+    size_t rb;
+    int64_t expert_stride;  // bytes (expert mode)
+    int n_rows, n_cols;
+    const float *X;
+    int64_t x_ld;
+    int rpg;       // rows per input group (grouped output projection); n_rows otherwise
+    int64_t xgs;   // X offset per group
+    const int *x_idx;  // X row of token slot j (null: j)
+    const int *off;    // expert mode: slots of expert e are [off[e], off[e+1]); null: dense [0, n_tok)
+    int n_tok;
+    int64_t y_ld;
+};
+
+template <int T>
+__global__ void __launch_bounds__(32 * kQWarps) mmq_kernel(MmqArgs a) {
+    __shared__ __align__(16) float xs[kQNB][kQTile];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint8_t *W = blockIdx.z ? a.W[1] : a.W[0];  // no run-time index into the parameters (local copy)
+    float *Y = blockIdx.z ? a.Y[1] : a.Y[0];
+    int begin, end, r0;
+    if (a.off) {  // grid (row tiles, experts, matrices)
+        begin = a.off[blockIdx.y];
+        end = a.off[blockIdx.y + 1];
+        W += (size_t)blockIdx.y * a.expert_stride;
+        r0 = blockIdx.x * kQBlockRows;
+    } else {  // grid (token groups, row tiles, matrices): consecutive blocks share weight rows (L2)
+        begin = blockIdx.x * kQNB;
+        end = min(a.n_tok, begin + kQNB);
+        r0 = blockIdx.y * kQBlockRows;
+    }
+    if (begin >= end) return;  // uniform over the block
+    const int64_t xoff = (int64_t)(r0 / a.rpg) * a.xgs;
+    const int rw = r0 + warp * kQRows;
+    constexpr int kCh = kQTile / 256;  // 8-weight chunks per lane and row in a tile
+    for (int tb = begin; tb < end; tb += kQNB) {
+        const int nt = min(kQNB, end - tb);
+        float acc[kQRows][kQNB];
+#pragma unroll
+        for (int r = 0; r < kQRows; r++)
+#pragma unroll
+            for (int b = 0; b < kQNB; b++) acc[r][b] = 0.0f;
+        for (int c0 = 0; c0 < a.n_cols; c0 += kQTile) {
+            const int tc = min(kQTile, a.n_cols - c0);
+            // this tile's weight bytes first (in flight while x is staged)
+            uint32_t raw[kQRows][kCh][8];
+#pragma unroll
+            for (int r = 0; r < kQRows; r++)
+#pragma unroll
+                for (int h = 0; h < kCh; h++) {
+                    const int j = 256 * h + 8 * lane;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) raw[r][h][e] = 0u;
+                    if (rw + r < a.n_rows && j < tc) raw8<T>(W + (size_t)(rw + r) * a.rb, c0 + j, raw[r][h]);
+                }
+            __syncthreads();  // the previous tile's reads of xs are done
+            for (int i = threadIdx.x; i < kQNB * kQTile; i += blockDim.x) {
+                const int b = i / kQTile, j = i % kQTile;
+                float v = 0.0f;
+                if (b < nt && j < tc) {
+                    const int slot = tb + b;
+                    const int64_t xr = a.x_idx ? a.x_idx[slot] : slot;
+                    v = a.X[xr * a.x_ld + xoff + c0 + j];
+                }
+                xs[b][j] = v;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int h = 0; h < kCh; h++) {
+                const int j0 = 256 * h + 8 * lane;
+                if (j0 < tc) {
+                    float w[kQRows][8];
+#pragma unroll
+                    for (int r = 0; r < kQRows; r++) {
+                        if (rw + r < a.n_rows) {
+                            dec8<T>(raw[r][h], c0 + j0, w[r]);
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < 8; e++) w[r][e] = 0.0f;
+                        }
+                    }
+#pragma unroll
+                    for (int b = 0; b < kQNB; b++) {
+                        if (b < nt) {
+                            const float4 x0 = *reinterpret_cast<const float4 *>(&xs[b][j0]);
+                            const float4 x1 = *reinterpret_cast<const float4 *>(&xs[b][j0 + 4]);
+#pragma unroll
+                            for (int r = 0; r < kQRows; r++) {
+                                float s = acc[r][b];
+                                s = fmaf(w[r][0], x0.x, s);
+                                s = fmaf(w[r][1], x0.y, s);
+                                s = fmaf(w[r][2], x0.z, s);
+                                s = fmaf(w[r][3], x0.w, s);
+                                s = fmaf(w[r][4], x1.x, s);
+                                s = fmaf(w[r][5], x1.y, s);
+                                s = fmaf(w[r][6], x1.z, s);
+                                s = fmaf(w[r][7], x1.w, s);
+                                acc[r][b] = s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < kQRows; r++) {
+            const int row = rw + r;
+#pragma unroll
+            for (int b = 0; b < kQNB; b++) {
+                if (b < nt) {  // uniform: every lane reduces
+                    const float v = warp_sum_t(acc[r][b]);
+                    if (lane == 0 && row < a.n_rows) Y[(int64_t)(tb + b) * a.y_ld + row] = v;
+                }
+            }
+        }
+    }
+}
+
+// Group the step's (token, expert) pairs by expert: off[e] .. off[e+1] are expert e's pair slots, in token order;
+// pair_tok[slot] = token, slot_of[t * K + k] = the slot of token t's k-th expert. One block; thread e fills
+// expert e's slots by scanning every pair in order (deterministic).
+__global__ void route_sort_kernel(const int *eids, int nb, int K, int NE, int *off, int *pair_tok, int *slot_of) {
+    extern __shared__ int cnt[];  // NE + 1
+    const int n = nb * K;
+    for (int e = threadIdx.x; e < NE; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&cnt[eids[i]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int s = 0;
+        for (int e = 0; e < NE; e++) {
+            const int c = cnt[e];
+            cnt[e] = s;
+            s += c;
+        }
+        cnt[NE] = s;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e <= NE; e += blockDim.x) off[e] = cnt[e];
+    for (int e = threadIdx.x; e < NE; e += blockDim.x) {
+        int o = cnt[e];
+        const int o_end = cnt[e + 1];
+        for (int i = 0; i < n && o < o_end; i++) {
+            if (eids[i] == e) {
+                pair_tok[o] = i / K;
+                slot_of[i] = o;
+                o++;
+            }
+        }
+    }
+}
+
+// 16-18 for the nb tokens of a step, from the grouped expert outputs: y = sum_k dn[slot_of[t, k]] * w[t, k]
+// (k in ascending expert id, as moe_sum_post_kernel) + shared, then the HC post. grid (E blocks, nb).
+__global__ void moe_sum_post_sorted_kernel(const float *dn, const int *slot_of, const float *ewt, int K, int E,
+                                           const float *shared, const float *hcw, float *H, int hc) {
+    const int t = blockIdx.y;
+    slot_of += (size_t)t * K;
+    ewt += (size_t)t * K;
+    shared += (size_t)t * E;
+    hcw += (size_t)t * kHcwLd;
+    H += (size_t)t * hc * E;
+    const float *post = hcw + hc, *comb = hcw + 2 * hc;
+    for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < E; d += gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < K; k++) acc += dn[(size_t)slot_of[k] * E + d] * ewt[k];
+        const float yd = acc + shared[d];
+        float h[kMaxHc];
+        for (int j = 0; j < hc; j++) h[j] = H[(size_t)j * E + d];
+        for (int k = 0; k < hc; k++) {
+            float s = 0.0f;
+            for (int j = 0; j < hc; j++) s += comb[j * hc + k] * h[j];
+            H[(size_t)k * E + d] = post[k] * yd + s;
         }
     }
 }
@@ -1138,6 +1439,7 @@ public:
     cudaStream_t stream = nullptr;
     bool use_graphs = true;
     int bmax = 1;          // tokens per prefill step (DS4_CUDA_PREFILL_BATCH, 1 = token by token)
+    bool gemm = false;     // DS4_CUDA_PREFILL_GEMM=1: batched steps use mmq_kernel and experts grouped by expert
     int ring_rows = 0;     // raw-window ring slots: window + bmax - 1
     int sm_count = 0;
     // graph keys: 0..3 = one token (head?, indexer?), 4..5 = a full prefill batch without head (indexer?)
@@ -1169,6 +1471,9 @@ public:
     float *gt = nullptr, *up = nullptr, *mb = nullptr, *dn = nullptr;  // one token at a time
     float *ysh = nullptr, *z = nullptr, *logits = nullptr;
     float *shg = nullptr, *shu = nullptr, *shm = nullptr;  // shared expert of a batched step: [bmax][n_ff]
+    // routed experts of a batched step grouped by expert (gemm): pair slots [bmax * K]
+    int *e_off = nullptr, *pair_tok = nullptr, *slot_of = nullptr;
+    float *gts = nullptr, *ups = nullptr, *mbs = nullptr, *dns = nullptr;
     int *sel = nullptr, *n_sel = nullptr, *eids = nullptr;
     size_t idx_smem = 0;
 
@@ -1195,6 +1500,7 @@ public:
             int64_t xgs = 0);
     void run_step(const int32_t *toks, int nb, bool head, float *logits_out);
     void reset_state();
+    void routed_grouped(const LayerWeights &w, int nb, float lim);
 };
 
 void CudaSessionDeleter::operator()(CudaSession *s) const { delete s; }
@@ -1205,6 +1511,7 @@ void CudaSession::init() {
     FW_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     use_graphs = env_int("DS4_CUDA_GRAPHS", 1) != 0;
     bmax = std::max(1, std::min(kMaxBatch, env_int("DS4_CUDA_PREFILL_BATCH", 1)));
+    gemm = env_int("DS4_CUDA_PREFILL_GEMM", 0) != 0;
     ring_rows = hp.window + bmax - 1;
     int dev = 0;
     FW_CHECK(cudaGetDevice(&dev));
@@ -1329,6 +1636,15 @@ void CudaSession::init() {
         shu = alloc<float>(B * F);
         shm = alloc<float>(B * F);
     }
+    if (bmax > 1 && gemm) {
+        e_off = alloc<int>((size_t)NE + 1);
+        pair_tok = alloc<int>(B * K);
+        slot_of = alloc<int>(B * K);
+        gts = alloc<float>(B * K * F);
+        ups = alloc<float>(B * K * F);
+        mbs = alloc<float>(B * K * F);
+        dns = alloc<float>(B * K * E);
+    }
     z = alloc<float>(E);
     logits = alloc<float>(hp.n_vocab);
 
@@ -1411,6 +1727,32 @@ void hc_mix(const CudaModel &cm, const Tensor &fn, const float *H, int n_chunks,
 }
 }  // namespace
 
+namespace {
+// mmq_kernel handles the type, and its loads are aligned for these weights (2-byte loads; F32 4-byte).
+bool mmq_ok(int type, const uint8_t *W, size_t rb, int64_t n_cols) {
+    if (n_cols % 8) return false;
+    switch (type) {
+        case DS4_TYPE_F32: return (uintptr_t)W % 4 == 0 && rb % 4 == 0;
+        case DS4_TYPE_F16: case DS4_TYPE_Q8_0: case DS4_TYPE_Q2_K: case DS4_TYPE_Q4_K: case DS4_TYPE_IQ2_XXS:
+            return (uintptr_t)W % 2 == 0 && rb % 2 == 0;
+        default: return false;
+    }
+}
+
+void mmq_launch(int type, const MmqArgs &p, dim3 grid, cudaStream_t s) {
+    switch (type) {
+        case DS4_TYPE_F32: mmq_kernel<DS4_TYPE_F32><<<grid, 32 * kQWarps, 0, s>>>(p); break;
+        case DS4_TYPE_F16: mmq_kernel<DS4_TYPE_F16><<<grid, 32 * kQWarps, 0, s>>>(p); break;
+        case DS4_TYPE_Q8_0: mmq_kernel<DS4_TYPE_Q8_0><<<grid, 32 * kQWarps, 0, s>>>(p); break;
+        case DS4_TYPE_Q2_K: mmq_kernel<DS4_TYPE_Q2_K><<<grid, 32 * kQWarps, 0, s>>>(p); break;
+        case DS4_TYPE_Q4_K: mmq_kernel<DS4_TYPE_Q4_K><<<grid, 32 * kQWarps, 0, s>>>(p); break;
+        case DS4_TYPE_IQ2_XXS: mmq_kernel<DS4_TYPE_IQ2_XXS><<<grid, 32 * kQWarps, 0, s>>>(p); break;
+        default: fail(DS4_E_BACKEND, "mmq: type %s", type_name(type));
+    }
+    FW_CHECK(cudaGetLastError());
+}
+}  // namespace
+
 // Y[b * y_ld + r] = w[r] . X[b * x_ld + (r / rpg) * xgs ...] for the nb tokens of a step (rpg = 0: one group).
 // One token: the decode kernels of cuda/quant.cu. Several: mm_kernel for F32/F16/Q8_0, else one matvec per token.
 void CudaSession::mm(const Tensor &w, const float *X, int64_t x_ld, float *Y, int64_t y_ld, int nb, int64_t rpg,
@@ -1424,11 +1766,31 @@ void CudaSession::mm(const Tensor &w, const float *X, int64_t x_ld, float *Y, in
     const bool plain_ok = (w.type == DS4_TYPE_F32 || w.type == DS4_TYPE_F16)
                               ? ((uintptr_t)W % 16 == 0 && rb % 16 == 0 && n_cols % 8 == 0)
                               : w.type == DS4_TYPE_Q8_0;
+    if (nb > 1 && gemm && mmq_ok(w.type, W, rb, n_cols) && rpg % kQBlockRows == 0 && n_rows < (1ll << 31) &&
+        (n_rows + kQBlockRows - 1) / kQBlockRows <= 65535) {
+        MmqArgs p{};
+        p.W[0] = W;
+        p.Y[0] = Y;
+        p.rb = rb;
+        p.n_rows = (int)n_rows;
+        p.n_cols = (int)n_cols;
+        p.X = X;
+        p.x_ld = x_ld;
+        p.rpg = (int)rpg;
+        p.xgs = xgs;
+        p.n_tok = nb;
+        p.y_ld = y_ld;
+        mmq_launch(w.type, p, dim3((nb + kQNB - 1) / kQNB, (unsigned)((n_rows + kQBlockRows - 1) / kQBlockRows), 1),
+                   stream);
+        return;
+    }
     if (nb > 1 && plain_ok && rpg % kMmRows == 0 && n_rows < (1ll << 31)) {
         const int grid = (int)std::max<int64_t>(1, std::min<int64_t>((n_rows + kMmRows - 1) / kMmRows, (int64_t)sm_count * 8));
         auto launch = [&](auto kernel) {
-            kernel<<<grid, 32 * kMmWarps, 0, stream>>>(W, rb, (int)n_rows, (int)n_cols, X, x_ld, Y, y_ld, nb, (int)rpg,
-                                                       xgs);
+            for (int b0 = 0; b0 < nb; b0 += kMmBatch)
+                kernel<<<grid, 32 * kMmWarps, 0, stream>>>(W, rb, (int)n_rows, (int)n_cols, X + b0 * x_ld, x_ld,
+                                                           Y + b0 * y_ld, y_ld, std::min(kMmBatch, nb - b0),
+                                                           (int)rpg, xgs);
         };
         if (w.type == DS4_TYPE_F32) launch(mm_kernel<DS4_TYPE_F32>);
         else if (w.type == DS4_TYPE_F16) launch(mm_kernel<DS4_TYPE_F16>);
@@ -1442,6 +1804,61 @@ void CudaSession::mm(const Tensor &w, const float *X, int64_t x_ld, float *Y, in
         else
             cuda_matvec(w.type, W, n_rows, n_cols, X + b * x_ld, Y + b * y_ld, stream);
     }
+}
+
+// 16-18 for the nb tokens of a batched step (gemm): the (token, expert) pairs sorted by expert, each used expert's
+// gate/up/down as one product over its tokens (its weights read once per step), then the weighted sum in
+// ascending expert id + the shared expert (ysh, computed before) + the HC post.
+void CudaSession::routed_grouped(const LayerWeights &w, int nb, float lim) {
+    const CudaModel &C = *cm;
+    const Hparams &hp = M->hp;
+    const int E = hp.n_embd, hc = hp.hc_mult, K = hp.n_expert_used, F = hp.n_ff, NE = hp.n_expert;
+    cudaStream_t s = stream;
+    const int n_pairs = nb * K;
+    route_sort_kernel<<<1, 256, (size_t)(NE + 1) * 4, s>>>(eids, nb, K, NE, e_off, pair_tok, slot_of);
+    FW_CHECK(cudaGetLastError());
+    auto experts = [&](const Tensor *W0, const Tensor *W1, const float *X, int64_t x_ld, const int *x_idx, float *Y0,
+                       float *Y1, int64_t n_rows, int64_t n_cols) {
+        const size_t rb = row_bytes(W0->type, n_cols);
+        const uint8_t *d0 = C.dev(*W0);
+        const bool pair = W1 && W1->type == W0->type;
+        if (!mmq_ok(W0->type, d0, rb, n_cols) || (rb * n_rows) % 2)
+            fail(DS4_E_BACKEND, "grouped experts: type %s unsupported", type_name(W0->type));
+        MmqArgs p{};
+        p.W[0] = d0;
+        p.Y[0] = Y0;
+        if (pair) {
+            p.W[1] = C.dev(*W1);
+            p.Y[1] = Y1;
+        }
+        p.rb = rb;
+        p.expert_stride = (int64_t)(n_rows * rb);
+        p.n_rows = (int)n_rows;
+        p.n_cols = (int)n_cols;
+        p.X = X;
+        p.x_ld = x_ld;
+        p.rpg = (int)n_rows;
+        p.x_idx = x_idx;
+        p.off = e_off;
+        p.n_tok = n_pairs;
+        p.y_ld = n_rows;
+        mmq_launch(W0->type, p, dim3((unsigned)((n_rows + kQBlockRows - 1) / kQBlockRows), NE, pair ? 2 : 1), s);
+        if (W1 && !pair) {  // gate and up of different types: a second launch
+            const size_t rb1 = row_bytes(W1->type, n_cols);
+            if (!mmq_ok(W1->type, C.dev(*W1), rb1, n_cols))
+                fail(DS4_E_BACKEND, "grouped experts: type %s unsupported", type_name(W1->type));
+            p.W[0] = C.dev(*W1);
+            p.Y[0] = Y1;
+            p.rb = rb1;
+            p.expert_stride = (int64_t)(n_rows * rb1);
+            mmq_launch(W1->type, p, dim3((unsigned)((n_rows + kQBlockRows - 1) / kQBlockRows), NE, 1), s);
+        }
+    };
+    experts(&w.gate_exps, &w.up_exps, a, E, pair_tok, gts, ups, F, E);
+    swiglu_kernel<<<(n_pairs * F + 255) / 256, 256, 0, s>>>(gts, ups, n_pairs * F, lim, mbs);
+    experts(&w.down_exps, nullptr, mbs, F, nullptr, dns, nullptr, E, F);
+    moe_sum_post_sorted_kernel<<<dim3((E + 255) / 256, nb), 256, 0, s>>>(dns, slot_of, ewt, K, E, ysh, hcw, H, hc);
+    FW_CHECK(cudaGetLastError());
 }
 
 // The launches of one step of nb tokens (facts D steps 0-18; the head is enqueue_head). Everything
@@ -1568,6 +1985,10 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
             mm(w.up_sh, a, E, shu, F, nb);
             swiglu_kernel<<<(nb * F + 255) / 256, 256, 0, s>>>(shg, shu, nb * F, lim, shm);
             mm(w.down_sh, shm, F, ysh, E, nb);
+        }
+        if (!one && gemm) {
+            routed_grouped(w, nb, lim);
+            continue;
         }
         // 16-18, one token at a time: routed gate+up in one launch (one token: the shared gate/up into slot K
         // and one SwiGLU for both), routed down in one launch, weighted sum + shared + HC post
