@@ -711,6 +711,118 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
     for (int d = threadIdx.x; d < hd; d += blockDim.x) o[(size_t)h * hd + d] = out[d];
 }
 
+// attention_kernel for kAttnHeads heads per block (batched prefill steps with DS4_CUDA_PREFILL_GEMM=1): every
+// head reads the same rows (one shared KV head), so a block loads each row once for kAttnHeads heads instead of
+// once per head (a quarter of the L2 traffic). Per head the arithmetic and its order are attention_kernel's.
+constexpr int kAttnHeads = 4;
+__global__ void __launch_bounds__(32 * kAttnWarps)
+    attention_mh_kernel(const float *q, const float *ring, const float *comp, const int *sel, const int *n_sel,
+                        int use_sel, int sel_ld, int ratio, int window, int ring_rows, int hd, int n_rot,
+                        const float *sinks, const float *inv_freq, float scale, const Step *st, float *o) {
+    extern __shared__ float sm[];  // probs[kAttnHeads][n_pad] | out partials [kAttnWarps][hd] | out [hd]
+    const int h0 = blockIdx.x * kAttnHeads, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n_heads = gridDim.x * kAttnHeads;
+    {
+        const int t = blockIdx.y;
+        q += (size_t)t * n_heads * hd;
+        o += (size_t)t * n_heads * hd;
+        st += t;
+        sel += (size_t)t * sel_ld;
+        n_sel += t;
+    }
+    const int64_t p = st->pos;
+    const int64_t w0 = p - window + 1 > 0 ? p - window + 1 : 0;
+    const int n_raw = (int)(p - w0 + 1);
+    const int n_comp = ratio ? (int)((p + 1) / ratio) : 0;
+    const int n_vis = use_sel ? *n_sel : n_comp;
+    const int n_all = n_raw + n_vis;
+    const int n_pad = (n_all + 3) & ~3;
+    float *probs = sm;
+    float *part = sm + kAttnHeads * n_pad;
+    float *out = part + kAttnWarps * hd;
+    const int nj = hd / 32;
+    auto row_ptr = [&](int i) -> const float * {
+        if (i < n_raw) return ring + (size_t)((w0 + i) % ring_rows) * hd;
+        const int c = use_sel ? sel[i - n_raw] : i - n_raw;
+        return comp + (size_t)c * hd;
+    };
+    {
+        float qv[kAttnHeads][kMaxLaneVals];
+#pragma unroll
+        for (int hh = 0; hh < kAttnHeads; hh++)
+#pragma unroll
+            for (int j = 0; j < kMaxLaneVals; j++) qv[hh][j] = j < nj ? q[(size_t)(h0 + hh) * hd + lane + 32 * j] : 0.0f;
+        for (int i = warp; i < n_all; i += kAttnWarps) {
+            const float *r = row_ptr(i);
+            float rv[kMaxLaneVals];
+#pragma unroll
+            for (int j = 0; j < kMaxLaneVals; j++) rv[j] = j < nj ? r[lane + 32 * j] : 0.0f;
+#pragma unroll
+            for (int hh = 0; hh < kAttnHeads; hh++) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int j = 0; j < kMaxLaneVals; j++)
+                    if (j < nj) dot += qv[hh][j] * rv[j];
+                dot = warp_sum_t(dot);
+                if (lane == 0) probs[hh * n_pad + i] = dot * scale;
+            }
+        }
+    }
+    __syncthreads();
+    float inv[kAttnHeads];
+#pragma unroll
+    for (int hh = 0; hh < kAttnHeads; hh++) {
+        float *ph = probs + hh * n_pad;
+        const float sink = sinks[h0 + hh];
+        float mx = sink;
+        for (int i = threadIdx.x; i < n_all; i += blockDim.x) mx = fmaxf(mx, ph[i]);
+        mx = block_max(mx);
+        double sum = 0.0;
+        for (int i = threadIdx.x; i < n_all; i += blockDim.x) {
+            const float e = expf(ph[i] - mx);
+            ph[i] = e;
+            sum += e;
+        }
+        sum = block_sum(sum) + (double)expf(sink - mx);
+        inv[hh] = (float)(1.0 / sum);
+    }
+    __syncthreads();
+    float acc[kAttnHeads][kMaxLaneVals];
+#pragma unroll
+    for (int hh = 0; hh < kAttnHeads; hh++)
+#pragma unroll
+        for (int j = 0; j < kMaxLaneVals; j++) acc[hh][j] = 0.0f;
+    for (int i = warp; i < n_all; i += kAttnWarps) {
+        const float *r = row_ptr(i);
+        float rv[kMaxLaneVals];
+#pragma unroll
+        for (int j = 0; j < kMaxLaneVals; j++) rv[j] = j < nj ? r[lane + 32 * j] : 0.0f;
+#pragma unroll
+        for (int hh = 0; hh < kAttnHeads; hh++) {
+            const float pr = probs[hh * n_pad + i] * inv[hh];
+#pragma unroll
+            for (int j = 0; j < kMaxLaneVals; j++)
+                if (j < nj) acc[hh][j] += pr * rv[j];
+        }
+    }
+#pragma unroll
+    for (int hh = 0; hh < kAttnHeads; hh++) {
+#pragma unroll
+        for (int j = 0; j < kMaxLaneVals; j++)
+            if (j < nj) part[warp * hd + lane + 32 * j] = acc[hh][j];
+        __syncthreads();
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float v = 0.0f;
+            for (int w = 0; w < kAttnWarps; w++) v += part[w * hd + d];
+            out[d] = v;
+        }
+        __syncthreads();
+        block_rope(out, hd, n_rot, inv_freq, p, true);
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) o[(size_t)(h0 + hh) * hd + d] = out[d];
+        __syncthreads();
+    }
+}
+
 // 15. router: s = sqrt(softplus(g)); hash layers take tid2eid[tok], others the top-k of s + bias (ties: lower
 // index); weights s_sel / max(sum, floor) * scale (or sum + 1e-20 without round-trips). Output sorted by expert id
 // (the reference sums the experts in ascending id order). One block of >= n_expert threads... any size.
@@ -1055,6 +1167,7 @@ struct MmqArgs {
     const int *off;    // expert mode: slots of expert e are [off[e], off[e+1]); null: dense [0, n_tok)
     int n_tok;
     int64_t y_ld;
+    int x_vec;  // X, x_ld and xgs allow 16-byte loads
 };
 
 template <int T>
@@ -1099,15 +1212,23 @@ __global__ void __launch_bounds__(32 * kQWarps) mmq_kernel(MmqArgs a) {
                     if (rw + r < a.n_rows && j < tc) raw8<T>(W + (size_t)(rw + r) * a.rb, c0 + j, raw[r][h]);
                 }
             __syncthreads();  // the previous tile's reads of xs are done
-            for (int i = threadIdx.x; i < kQNB * kQTile; i += blockDim.x) {
-                const int b = i / kQTile, j = i % kQTile;
-                float v = 0.0f;
+            for (int i = threadIdx.x; i < kQNB * kQTile / 4; i += blockDim.x) {  // 16-byte pieces (tc % 8 == 0)
+                const int b = i / (kQTile / 4), j = 4 * (i % (kQTile / 4));
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (b < nt && j < tc) {
                     const int slot = tb + b;
                     const int64_t xr = a.x_idx ? a.x_idx[slot] : slot;
-                    v = a.X[xr * a.x_ld + xoff + c0 + j];
+                    const float *xp = a.X + xr * a.x_ld + xoff + c0 + j;
+                    if (a.x_vec) {
+                        v = *reinterpret_cast<const float4 *>(xp);
+                    } else {
+                        v.x = xp[0];
+                        v.y = xp[1];
+                        v.z = xp[2];
+                        v.w = xp[3];
+                    }
                 }
-                xs[b][j] = v;
+                *reinterpret_cast<float4 *>(&xs[b][j]) = v;
             }
             __syncthreads();
 #pragma unroll
@@ -1653,6 +1774,10 @@ void CudaSession::init() {
     idx_smem = (size_t)IH * (ID + 1) * 4;
     if (attn_smem_max > 48 * 1024)
         FW_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)attn_smem_max));
+    const size_t attn_mh_smem_max = (size_t)(kAttnHeads * ((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
+    if (attn_mh_smem_max > 48 * 1024)
+        FW_CHECK(cudaFuncSetAttribute(attention_mh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      (int)attn_mh_smem_max));
     if (idx_smem > 48 * 1024)
         FW_CHECK(cudaFuncSetAttribute(idx_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)idx_smem));
     const size_t e_smem = (size_t)E * 4;
@@ -1780,6 +1905,7 @@ void CudaSession::mm(const Tensor &w, const float *X, int64_t x_ld, float *Y, in
         p.xgs = xgs;
         p.n_tok = nb;
         p.y_ld = y_ld;
+        p.x_vec = (uintptr_t)X % 16 == 0 && x_ld % 4 == 0 && xgs % 4 == 0;
         mmq_launch(w.type, p, dim3((nb + kQNB - 1) / kQNB, (unsigned)((n_rows + kQBlockRows - 1) / kQBlockRows), 1),
                    stream);
         return;
@@ -1842,6 +1968,7 @@ void CudaSession::routed_grouped(const LayerWeights &w, int nb, float lim) {
         p.off = e_off;
         p.n_tok = n_pairs;
         p.y_ld = n_rows;
+        p.x_vec = (uintptr_t)X % 16 == 0 && x_ld % 4 == 0;
         mmq_launch(W0->type, p, dim3((unsigned)((n_rows + kQBlockRows - 1) / kQBlockRows), NE, pair ? 2 : 1), s);
         if (W1 && !pair) {  // gate and up of different types: a second launch
             const size_t rb1 = row_bytes(W1->type, n_cols);
@@ -1952,10 +2079,17 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
             int max_vis = 0;
             if (r) max_vis = w.csa ? std::min(max_ctx / r, hp.idx_topk) : max_ctx / r;
             const int max_rows = hp.window + max_vis;
-            const size_t smem = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
-            attention_kernel<<<dim3(D, nb), 32 * kAttnWarps, smem, s>>>(
-                q, ld.ring, ld.comp, sel, n_sel, use_sel ? 1 : 0, hp.idx_topk, r, hp.window, ring_rows, hd, nrot,
-                C.devf(w.sinks), rope, 1.0f / std::sqrt((float)hd), d_steps, o);
+            if (!one && gemm && D % kAttnHeads == 0) {
+                const size_t smem = (size_t)(kAttnHeads * ((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
+                attention_mh_kernel<<<dim3(D / kAttnHeads, nb), 32 * kAttnWarps, smem, s>>>(
+                    q, ld.ring, ld.comp, sel, n_sel, use_sel ? 1 : 0, hp.idx_topk, r, hp.window, ring_rows, hd, nrot,
+                    C.devf(w.sinks), rope, 1.0f / std::sqrt((float)hd), d_steps, o);
+            } else {
+                const size_t smem = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
+                attention_kernel<<<dim3(D, nb), 32 * kAttnWarps, smem, s>>>(
+                    q, ld.ring, ld.comp, sel, n_sel, use_sel ? 1 : 0, hp.idx_topk, r, hp.window, ring_rows, hd,
+                    nrot, C.devf(w.sinks), rope, 1.0f / std::sqrt((float)hd), d_steps, o);
+            }
         }
         // 12. grouped output projection (group g = rows g*OR.. with the heads of g), then out_b
         if (one) mv_grouped(C, w.out_a, o, low, OR, in_g, s);
