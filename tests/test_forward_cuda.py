@@ -228,6 +228,31 @@ def test_cuda_truncate_equals_fresh(name, batch, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["s6", "k7"])
+def test_cuda_prefill_gemm_truncate_equals_fresh(name, monkeypatch):
+    """v2 prefill (DS4_CUDA_PREFILL_GEMM=1, steps of 24: checkpoints move to multiples of the batch): truncate
+    continues like a fresh session."""
+    from spark_setup.engine.runtime import Model
+
+    monkeypatch.setenv("DS4_CUDA_PREFILL_BATCH", "24")
+    monkeypatch.setenv("DS4_CUDA_PREFILL_GEMM", "1")
+    lib = _lib()
+    path = tiny_model(name)
+    with Model(path, backend="cuda", lib=lib) as m:
+        rng = np.random.default_rng(5)
+        a = rng.integers(0, m.n_vocab, size=100).astype(np.int32)
+        b = rng.integers(0, m.n_vocab, size=30).astype(np.int32)
+        with m.new_session(160) as s:
+            s.eval(a)
+            s.truncate(60)
+            assert s.pos == 60
+            got = s.eval(b, all_logits=True)
+        with m.new_session(160) as f:
+            want = f.eval(np.concatenate([a[:60], b]), all_logits=True)[60:]
+    assert _rel_err(got, want).max() < 1e-4
+
+
+@pytest.mark.gpu
 def test_cuda_graphs_equal_direct_launches(monkeypatch):
     """The captured CUDA graphs replay exactly the launches of the direct path."""
     from spark_setup.engine.runtime import Model

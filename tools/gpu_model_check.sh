@@ -132,7 +132,7 @@ main() {
     else
         batch=$old gemm=0
     fi
-    compare=${COMPARE:-$old:0$([ $gemm_ok = 1 ] && echo ,32:1,128:1)}
+    compare=${COMPARE:-$old:0$([ $gemm_ok = 1 ] && echo ,64:1,256:1)}
     echo "   prefill steps of $batch token(s) (DS4_CUDA_PREFILL_BATCH), DS4_CUDA_PREFILL_GEMM=$gemm; compare: $compare"
     if ! DS4_CUDA_PREFILL_BATCH=$batch DS4_CUDA_PREFILL_GEMM=$gemm python3 tools/bench_decode.py "$synth" --lib "$lib" \
             --out "$mo" --compare "$compare" \

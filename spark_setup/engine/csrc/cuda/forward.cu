@@ -1668,6 +1668,9 @@ void CudaSession::init() {
     state_floats = init_img.size();
     // checkpoints (as the CPU session: at most 16, at least every 32 positions)
     ckpt_every = std::max(32, (max_ctx + 15) / 16);
+    // v2 prefill: checkpoints on multiples of the batch, so steps are never cut short (a 1-token remainder step
+    // would run the whole decode path); any spacing gives the same truncate semantics
+    if (gemm && bmax > 1) ckpt_every = (ckpt_every + bmax - 1) / bmax * bmax;
     const int n_ckpt = (max_ctx - 1) / ckpt_every;
 
     // ---- rows and scratch sizes, then the free-memory check before allocating ----
