@@ -1040,7 +1040,7 @@ __global__ void __launch_bounds__(32 * kMmWarps)
 // kQNB; a longer token range loops over the weight rows again (L2 usually still holds them). Expert mode:
 // blockIdx.y = expert e, its tokens are the sorted pair slots [off[e], off[e+1]) (an unused expert's blocks return
 // at once, so its weights are never read); X row of slot j = x_idx[j] (the token), Y row = j.
-constexpr int kQWarps = 4, kQRows = 4, kQBlockRows = kQWarps * kQRows, kQTile = 512, kQNB = 8;
+constexpr int kQWarps = 8, kQRows = 4, kQBlockRows = kQWarps * kQRows, kQTile = 512, kQNB = 8;
 
 __device__ const uint64_t pf_iq2_grid[256] = {DS4_IQ2XXS_GRID_VALUES};
 
