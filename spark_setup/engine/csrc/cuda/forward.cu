@@ -12,10 +12,13 @@
 //    step record, so the sequence is captured once into a CUDA graph per step shape (with/without the output
 //    head; indexer idle/active, which is a function of the position) and replayed for every later token.
 //    DS4_CUDA_GRAPHS=0 in the environment runs the launches directly (same kernels, same numbers).
-//  - prefill: DS4_CUDA_PREFILL_BATCH=N (2..16; default 1 = token by token through the decode step) evaluates N
+//  - prefill: DS4_CUDA_PREFILL_BATCH=N (2..256; default 1 = token by token through the decode step) evaluates N
 //    tokens per step: the projections as one batched product (each weight read once for N tokens), the stateful
 //    parts (raw window, compressors, indexer, attention) per token in position order, so it computes what the
 //    token-by-token path computes. The raw-window ring has window + N - 1 slots so all N rows fit before reading.
+//    v1 (default): mm_kernel (F32/F16/Q8_0, 16 tokens a launch), routed experts token by token. v2
+//    (DS4_CUDA_PREFILL_GEMM=1): mmq_kernel for every weight type, routed experts grouped by expert (each used
+//    expert's weights read once per step), attention 4 heads per block; bench/prefill_notes.md.
 //  - arithmetic is f32 with the reference's order of operations where it is cheap (sums of squares in double
 //    like cpu::rms_norm, routed experts summed in ascending expert id), so CUDA logits follow the CPU engine.
 #include <cuda_runtime.h>
@@ -1286,11 +1289,13 @@ __global__ void __launch_bounds__(32 * kQWarps) mmq_kernel(MmqArgs a) {
 // pair_tok[slot] = token, slot_of[t * K + k] = the slot of token t's k-th expert. One block; thread e fills
 // expert e's slots by scanning every pair in order (deterministic).
 __global__ void route_sort_kernel(const int *eids, int nb, int K, int NE, int *off, int *pair_tok, int *slot_of) {
-    extern __shared__ int cnt[];  // NE + 1
+    extern __shared__ int cnt[];  // NE + 1 counts, then the n = nb * K expert ids
     const int n = nb * K;
+    int *ids = cnt + NE + 1;
     for (int e = threadIdx.x; e < NE; e += blockDim.x) cnt[e] = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ids[i] = eids[i];
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&cnt[eids[i]], 1);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
         int s = 0;
@@ -1307,7 +1312,7 @@ __global__ void route_sort_kernel(const int *eids, int nb, int K, int NE, int *o
         int o = cnt[e];
         const int o_end = cnt[e + 1];
         for (int i = 0; i < n && o < o_end; i++) {
-            if (eids[i] == e) {
+            if (ids[i] == e) {
                 pair_tok[o] = i / K;
                 slot_of[i] = o;
                 o++;
@@ -1944,7 +1949,7 @@ void CudaSession::routed_grouped(const LayerWeights &w, int nb, float lim) {
     const int E = hp.n_embd, hc = hp.hc_mult, K = hp.n_expert_used, F = hp.n_ff, NE = hp.n_expert;
     cudaStream_t s = stream;
     const int n_pairs = nb * K;
-    route_sort_kernel<<<1, 256, (size_t)(NE + 1) * 4, s>>>(eids, nb, K, NE, e_off, pair_tok, slot_of);
+    route_sort_kernel<<<1, 256, (size_t)(NE + 1 + n_pairs) * 4, s>>>(eids, nb, K, NE, e_off, pair_tok, slot_of);
     FW_CHECK(cudaGetLastError());
     auto experts = [&](const Tensor *W0, const Tensor *W1, const float *X, int64_t x_ld, const int *x_idx, float *Y0,
                        float *Y1, int64_t n_rows, int64_t n_cols) {
