@@ -61,14 +61,20 @@ def compare_prefill(model, toks, interval: int, spec: str, deadline: float) -> l
     try:
         for cfg in spec.split(","):
             batch, gemm = (cfg.split(":") + ["0"])[:2]
-            if rows and time.monotonic() + 2 * max(interval / r["pp_tps"] for r in rows) + 10 > deadline:
+            done = [r for r in rows if "pp_tps" in r]
+            if done and time.monotonic() + 2 * max(interval / r["pp_tps"] for r in done) + 10 > deadline:
                 print(f"prefill compare {cfg}: skipped (deadline)", flush=True)
                 continue
             os.environ[keys[0]], os.environ[keys[1]] = batch, gemm
-            with model.new_session(interval + 8) as s:
-                t = time.monotonic()
-                lg = s.eval(toks[:interval])
-                d = time.monotonic() - t
+            try:
+                with model.new_session(interval + 8) as s:
+                    t = time.monotonic()
+                    lg = s.eval(toks[:interval])
+                    d = time.monotonic() - t
+            except Exception as e:  # noqa: BLE001 - report it and keep measuring the other configs
+                print(f"prefill compare {cfg}: FAILED: {e}", flush=True)
+                rows.append({"batch": int(batch), "gemm": int(gemm), "error": str(e)})
+                continue
             rel = None if ref is None else float(np.abs(lg - ref).max() / max(float(np.abs(ref).max()), 1e-30))
             if ref is None:
                 ref = lg
@@ -153,6 +159,14 @@ def main(argv=None) -> int:
     toks = rng.integers(1000, model.n_vocab - 1000, size=max_ctx).astype(np.int32)
     if args.compare:
         res["prefill_compare"] = compare_prefill(model, toks, args.interval, args.compare, deadline)
+        ok = [r for r in res["prefill_compare"] if "error" not in r and r["finite"]]
+        if res["prefill_gemm"] and ok and any("error" in r or not r["finite"] for r in res["prefill_compare"]
+                                               if r["gemm"]):
+            # the v2 prefill failed on the full-size model: walk with the first config that worked
+            os.environ["DS4_CUDA_PREFILL_BATCH"], os.environ["DS4_CUDA_PREFILL_GEMM"] = str(ok[0]["batch"]), str(ok[0]["gemm"])
+            res["prefill_batch"], res["prefill_gemm"] = ok[0]["batch"], ok[0]["gemm"]
+            print(f"WARNING: v2 prefill failed in the comparison; the walk uses batch {ok[0]['batch']} gemm "
+                  f"{ok[0]['gemm']}", flush=True)
     sess = model.new_session(max_ctx)
     res["session_bytes"] = sess.nbytes
     per_tok = None  # seconds per prefill token, measured
@@ -243,6 +257,10 @@ def main(argv=None) -> int:
         lines.append(f"Decode at context 64-96: {res['short_decode_graphs_tps']:.1f} t/s with CUDA graphs, "
                      f"{res['short_decode_direct_tps']:.1f} t/s with direct launches (launch overhead).")
     for r in res.get("prefill_compare", []):
+        if "error" in r:
+            lines.append(f"Prefill compare DS4_CUDA_PREFILL_BATCH={r['batch']} DS4_CUDA_PREFILL_GEMM={r['gemm']}: "
+                         f"FAILED ({r['error']}).")
+            continue
         lines.append(f"Prefill 0 -> {args.interval} in a fresh session, DS4_CUDA_PREFILL_BATCH={r['batch']} "
                      f"DS4_CUDA_PREFILL_GEMM={r['gemm']}: {r['pp_tps']:.0f} t/s (last logits: finite {r['finite']}, "
                      f"argmax {r['argmax']}, max rel diff vs the first config {r['rel_vs_first']}).")
