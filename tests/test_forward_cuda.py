@@ -152,6 +152,7 @@ def test_cuda_batched_prefill_matches_cpu(name, monkeypatch):
     from spark_setup.engine.runtime import Model
 
     monkeypatch.setenv("DS4_CUDA_PREFILL_BATCH", "16")
+    monkeypatch.setenv("DS4_CUDA_PREFILL_GEMM", "0")  # v1 (the default is v2, tested below)
     lib = _lib()
     path = tiny_model(name)
     prompt = _prompt(_n_vocab(path, lib), PREFILL, seed=PROMPT_SEED[name])
@@ -202,6 +203,7 @@ def test_cuda_truncate_equals_fresh(name, batch, monkeypatch):
     from spark_setup.engine.runtime import Model
 
     monkeypatch.setenv("DS4_CUDA_PREFILL_BATCH", batch)
+    monkeypatch.setenv("DS4_CUDA_PREFILL_GEMM", "0")
     lib = _lib()
     path = tiny_model(name)
     with Model(path, backend="cuda", lib=lib) as m:

@@ -12,12 +12,13 @@
 //    step record, so the sequence is captured once into a CUDA graph per step shape (with/without the output
 //    head; indexer idle/active, which is a function of the position) and replayed for every later token.
 //    DS4_CUDA_GRAPHS=0 in the environment runs the launches directly (same kernels, same numbers).
-//  - prefill: DS4_CUDA_PREFILL_BATCH=N (2..256; default 1 = token by token through the decode step) evaluates N
+//  - prefill: DS4_CUDA_PREFILL_BATCH=N (1..256; default 256; 1 = token by token through the decode step) evaluates N
 //    tokens per step: the projections as one batched product (each weight read once for N tokens), the stateful
 //    parts (raw window, compressors, indexer, attention) per token in position order, so it computes what the
 //    token-by-token path computes. The raw-window ring has window + N - 1 slots so all N rows fit before reading.
-//    v1 (default): mm_kernel (F32/F16/Q8_0, 16 tokens a launch), routed experts token by token. v2
-//    (DS4_CUDA_PREFILL_GEMM=1): mmq_kernel for every weight type, routed experts grouped by expert (each used
+//    v1 (DS4_CUDA_PREFILL_GEMM=0): mm_kernel (F32/F16/Q8_0, 16 tokens a launch), routed experts token by token.
+//    v2 (default since the H200 run of 2026-11-29 12:49: 2.8x v1's prefill, same logits on the tiny models within
+//    2.5e-6 of the CPU engine): mmq_kernel for every weight type, routed experts grouped by expert (each used
 //    expert's weights read once per step), attention 4 heads per block; bench/prefill_notes.md.
 //  - arithmetic is f32 with the reference's order of operations where it is cheap (sums of squares in double
 //    like cpu::rms_norm, routed experts summed in ascending expert id), so CUDA logits follow the CPU engine.
@@ -1636,8 +1637,8 @@ void CudaSession::init() {
     const int E = hp.n_embd, hc = hp.hc_mult, D = hp.n_head, hd = hp.head_dim;
     FW_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     use_graphs = env_int("DS4_CUDA_GRAPHS", 1) != 0;
-    bmax = std::max(1, std::min(kMaxBatch, env_int("DS4_CUDA_PREFILL_BATCH", 1)));
-    gemm = env_int("DS4_CUDA_PREFILL_GEMM", 0) != 0;
+    bmax = std::max(1, std::min(kMaxBatch, env_int("DS4_CUDA_PREFILL_BATCH", kMaxBatch)));
+    gemm = env_int("DS4_CUDA_PREFILL_GEMM", 1) != 0;
     ring_rows = hp.window + bmax - 1;
     int dev = 0;
     FW_CHECK(cudaGetDevice(&dev));
