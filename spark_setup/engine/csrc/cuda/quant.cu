@@ -667,9 +667,10 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
 // the environment variable DS4_MATVEC_VERSION=N overrides it at the first launch) picks per type (auto_version).
 int g_matvec_version = -1;  // -1 = not read from the environment yet
 
-// Per-type choice of version 0 ("auto"), from the H200 analysis in bench/kernels.md: v3 for every quant type (same
-// lane mapping as v2, fewer instructions and shared-memory wavefronts), v4 (signs in registers) for IQ2_XXS.
-int auto_version(int type) { return type == DS4_TYPE_IQ2_XXS ? 4 : 3; }
+// Per-type choice of version 0 ("auto"), from H200 run 3 (bench/h200/run3-1213, graph timing): v2 is fastest for
+// Q8_0 (output head 76% of copy vs 73% for v3) and Q4_K (27% vs 25%); v4 (signs in registers) for IQ2_XXS; Q2_K
+// differences were within noise, v2 kept. v3 did not pay for its extra instructions.
+int auto_version(int type) { return type == DS4_TYPE_IQ2_XXS ? 4 : 2; }
 
 int matvec_version_for(int type) {
     if (g_matvec_version < 0) {
