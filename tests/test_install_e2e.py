@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from clean_copy import clean_copy
 
 from spark_setup import service
 
@@ -37,23 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _clean_copy(dst: Path) -> Path:
-    """The checkout as a clean clone has it: tracked and untracked-but-not-ignored files only."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if not src.exists() and not src.is_symlink():
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            os.symlink(os.readlink(src), target)
-        elif src.is_file():
-            shutil.copy2(src, target)
-    return dst
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -75,7 +59,7 @@ def _steps(output: str) -> dict[str, tuple[str, float]]:
 @pytest.fixture
 def installed(tmp_path):
     """A finished `install.sh --demo` in a fresh prefix; yields (cli, prefix, port, env, first output)."""
-    src = _clean_copy(tmp_path / "clone")
+    src = clean_copy(tmp_path / "clone")
     home = tmp_path / "home"
     home.mkdir()
     prefix = tmp_path / "prefix"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from clean_copy import clean_copy
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "install.sh"
 BASH = shutil.which("bash") or "/bin/bash"
@@ -185,21 +187,6 @@ def test_failed_venv_is_cleaned_up_and_explained(tmp_path):
 # --- the real thing (slow: a fresh venv and real pip) -------------------------------------------------------
 
 
-def _clean_copy(dst: Path) -> Path:
-    """The checkout as a clean clone would have it: tracked and untracked-but-not-ignored files only."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if not src.exists() and not src.is_symlink():
-            continue  # deleted in the working tree
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            os.symlink(os.readlink(src), target)
-        elif src.is_file():
-            shutil.copy2(src, target)
-    return dst
 
 
 def _snapshot(prefix: Path) -> dict[str, tuple]:
@@ -222,7 +209,7 @@ def _snapshot(prefix: Path) -> dict[str, tuple]:
 def installed(tmp_path_factory):
     """The acceptance run: `bash install.sh --from-source . --prefix $(mktemp -d) --yes` from a clean copy."""
     tmp = tmp_path_factory.mktemp("install-sh")
-    src = _clean_copy(tmp / "clone")
+    src = clean_copy(tmp / "clone")
     prefix = tmp / "prefix"
     (tmp / "home").mkdir()
     env = _env(tmp / "home", PIP_CACHE_DIR=str(tmp / "pip-cache"), SPARK_SETUP_PYTHON=REAL_PYTHON)
