@@ -14,6 +14,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from support import nvml_available
+
 from spark_setup.doctor import DEFAULT_MODEL_BYTES, run_checks
 from spark_setup.host import GiB, GPU, GPUProcess, HostFacts, Tool
 
@@ -261,17 +263,6 @@ def _cli(args: list[str], tmp_path: Path, **env_over: str) -> subprocess.Complet
                           timeout=120)
 
 
-def _has_nvml() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.skipif(platform.machine() == "aarch64", reason="checks the non-Spark verdict")
 def test_doctor_here_exits_1_and_says_why(tmp_path):
     port = str(_free_port())
@@ -281,7 +272,7 @@ def test_doctor_here_exits_1_and_says_why(tmp_path):
     lines = out.stdout.splitlines()
     assert any(line.startswith("│ arch") and "FAIL" in line and platform.machine() in line for line in lines)
     assert "fail arch: this is not a DGX Spark" in out.stdout
-    if not _has_nvml():
+    if not nvml_available():
         assert any(line.startswith("│ gpu ") and "FAIL" in line and "library not found" in line for line in lines)
         assert "nvidia-smi" in out.stdout
     assert "not ready for target spark" in out.stdout

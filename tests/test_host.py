@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from support import nvml_available
+
 from spark_setup import host
 from spark_setup.host import GPU, HostFacts, Tool
 
@@ -21,17 +23,6 @@ def _fake_exe(path: Path, body: str) -> Path:
     path.write_text("#!/bin/sh\n" + body + "\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
-
-
-def _nvml_loadable() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:
-        return False
 
 
 def test_probe_real_host_never_raises_and_round_trips(tmp_path):
@@ -48,7 +39,7 @@ def test_probe_real_host_never_raises_and_round_trips(tmp_path):
     assert back == facts
 
 
-@pytest.mark.skipif(_nvml_loadable(), reason="this host has a working NVML")
+@pytest.mark.skipif(nvml_available(), reason="this host has a working NVML")
 def test_missing_nvml_is_a_fact_not_an_exception():
     facts = host.probe(models_dir=Path("/nonexistent/models"), port=_free_port())
     assert facts.nvml_error is not None and facts.nvml_error.startswith("nvml: ")

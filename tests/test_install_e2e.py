@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from clean_copy import clean_copy
+from support import clean_copy
 
 from spark_setup import service
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clean_copy import clean_copy
+from support import clean_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "install.sh"

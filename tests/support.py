@@ -1,4 +1,4 @@
-"""The checkout as a fresh clone has it, for tests that install from source (install.sh --from-source)."""
+"""Small helpers shared by several test files."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def clean_copy(dst: Path) -> Path:
         elif src.is_file():
             shutil.copy2(src, target)
     return dst
+
+
+def nvml_available() -> bool:
+    """Whether the NVIDIA management library loads here (it does not on the CPU-only CI machines)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:
+        return False
