@@ -47,10 +47,15 @@ main() {
     fi
     echo "built in $((SECONDS - t0)) s"
 
-    echo "== kernel check (CUDA vs CPU vs gguf reference)"
-    if ! timeout 300 python3 tools/gpu_check.py --lib "$bd/libds4engine.so" 2>&1 | tee "$out/kernel_check.txt"; then
-        status=1
-    fi
+    echo "== kernel check (CUDA vs CPU vs gguf reference): default kernels, then every version forced"
+    local v
+    for v in 0 6; do
+        echo "-- DS4_MATVEC_VERSION=$v"
+        if ! DS4_MATVEC_VERSION=$v timeout 300 python3 tools/gpu_check.py --lib "$bd/libds4engine.so" 2>&1 |
+                tee -a "$out/kernel_check.txt"; then
+            status=1
+        fi
+    done
 
     echo "== matvec benchmark"
     if ! timeout 300 "$bd/bench_matvec" --iters "${ITERS:-200}" --csv "$out/matvec.csv" 2>&1 | tee "$out/kernels.md"; then

@@ -74,8 +74,9 @@ struct ExpertMatvec {
     int64_t x_stride = 0;  // floats
 };
 void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
-// Kernel version used by cuda_matvec / cuda_matvec_experts for quant types: 2 (default: several rows per warp,
-// coalesced x, cp.async) or 1 (warp per row; kept as the baseline the benchmark compares against). Not thread-safe.
+// Kernel version used by cuda_matvec / cuda_matvec_experts for quant types: 0 = per type (v6, the tensor-core
+// decode, for Q8_0 / Q2_K / IQ2_XXS; v2 for Q4_K), 1..6 forces one (1 = warp per row, the benchmark's baseline;
+// shapes or types a version does not take fall back to v2). Not thread-safe.
 void cuda_set_matvec_version(int v);
 // Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,
 // copies y back, synchronizes. Throws ds4::Error(DS4_E_BACKEND) on a CUDA error or when no device is present.

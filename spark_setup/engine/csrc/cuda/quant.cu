@@ -663,20 +663,22 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
     cp_async_wait0();
 }
 
-// Kernel version: cuda_set_matvec_version(v), v = 1..5, forces one version for every quant type; 0 (the default;
+// Kernel version: cuda_set_matvec_version(v), v = 1..6, forces one version for every quant type; 0 (the default;
 // the environment variable DS4_MATVEC_VERSION=N overrides it at the first launch) picks per type (auto_version).
 int g_matvec_version = -1;  // -1 = not read from the environment yet
 
-// Per-type choice of version 0 ("auto"), from H200 run 3 (bench/h200/run3-1213, graph timing): v2 is fastest for
-// Q8_0 (output head 76% of copy vs 73% for v3) and Q4_K (27% vs 25%); v4 (signs in registers) for IQ2_XXS; Q2_K
-// differences were within noise, v2 kept. v3 did not pay for its extra instructions.
-int auto_version(int type) { return type == DS4_TYPE_IQ2_XXS ? 4 : 2; }
+// Per-type choice of version 0 ("auto"): v6 (tensor-core decode, matvec6.cuh) for the types it has, from H200
+// run 8 (bench/h200/run8-1405: graph timing, output head 85-89% of copy vs 76% for v2, routed Q2 experts 26-28%
+// vs 17%); v2 for Q4_K (v6 has no Q4_K decoder). v2-v5 stay selectable (DS4_MATVEC_VERSION) for comparison.
+int auto_version(int type) {
+    return type == DS4_TYPE_Q8_0 || type == DS4_TYPE_Q2_K || type == DS4_TYPE_IQ2_XXS ? 6 : 2;
+}
 
 int matvec_version_for(int type) {
     if (g_matvec_version < 0) {
         const char *e = std::getenv("DS4_MATVEC_VERSION");
         const int v = e ? std::atoi(e) : 0;
-        g_matvec_version = v >= 0 && v <= 5 ? v : 0;
+        g_matvec_version = v >= 0 && v <= 6 ? v : 0;
     }
     return g_matvec_version > 0 ? g_matvec_version : auto_version(type);
 }
@@ -763,6 +765,8 @@ int grid_for(K kernel, int *per_sm, int threads, int64_t total_rows, int rows_pe
     return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * *per_sm));
 }
 
+#include "matvec6.cuh"
+
 template <int T, class Rows, int VER>
 void launch_v(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     auto k = matvec_v2<T, Rows, VER>;
@@ -788,7 +792,11 @@ void launch_v(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
 
 template <int T, bool AL, class Rows>
 void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
-    const int ver = matvec_version_for(T);
+    int ver = matvec_version_for(T);
+    if constexpr (T == DS4_TYPE_Q8_0 || T == DS4_TYPE_Q2_K || T == DS4_TYPE_IQ2_XXS) {
+        if (AL && ver == 6 && v6::launch<T>(rows, total, n_cols, s)) return;
+    }
+    if (ver == 6) ver = T == DS4_TYPE_IQ2_XXS ? 4 : 2;  // shapes (or types) v6 does not take
     if (AL && ver >= 2 && rows.uniform_x_groups(kRows)) {
         if (ver == 2)
             launch_v<T, Rows, 2>(rows, total, n_cols, s);

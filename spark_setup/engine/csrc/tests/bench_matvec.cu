@@ -311,7 +311,8 @@ std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::
 // One layer's routed experts: gate+up [ff x embd] (one launch, shared x) then down [embd x ff] (per-expert x),
 // n_used experts out of n_exp, expert ids drawn at random for every iteration.
 std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int64_t embd, int64_t ff, int n_exp,
-                               int n_used, int iters, double copy, cudaStream_t s, const std::vector<int> &versions) {
+                               int n_used, int iters, double copy, cudaStream_t s, const std::vector<int> &versions,
+                               int parts = 3) {  // parts: 1 = gate+up launch only, 2 = down only, 3 = both
     const size_t gu_rb = ds4::row_bytes(gu_type, embd), dn_rb = ds4::row_bytes(down_type, ff);
     const size_t gu_stride = gu_rb * (size_t)ff, dn_stride = dn_rb * (size_t)embd;
     uint8_t *gate, *up, *down;
@@ -358,7 +359,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
         gu.n_ids = n_used;
         gu.x = dx;
         gu.x_stride = 0;
-        ds4::cuda_matvec_experts(gu_type, gu, s);
+        if (parts & 1) ds4::cuda_matvec_experts(gu_type, gu, s);
         ds4::ExpertMatvec dn;
         dn.W[0] = down;
         dn.y[0] = d_out;
@@ -369,7 +370,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
         dn.n_ids = n_used;
         dn.x = d_act;
         dn.x_stride = ff;
-        ds4::cuda_matvec_experts(down_type, dn, s);
+        if (parts & 2) ds4::cuda_matvec_experts(down_type, dn, s);
     };
     // CPU reference of set 0 on the same expert slices
     std::vector<float> c_gate((size_t)(n_used * ff)), c_up(c_gate.size()), c_out((size_t)(n_used * embd));
@@ -383,7 +384,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
         ds4::cpu_matvec(gu_type, hu.data(), ff, embd, x.data(), c_up.data() + (size_t)e * ff);
         ds4::cpu_matvec(down_type, hd.data(), embd, ff, act.data() + (size_t)e * ff, c_out.data() + (size_t)e * embd);
     }
-    const double bytes = (double)n_used * (2.0 * gu_stride + dn_stride);
+    const double bytes = (double)n_used * ((parts & 1 ? 2.0 * gu_stride : 0.0) + (parts & 2 ? (double)dn_stride : 0.0));
     std::string shape = std::to_string(n_used) + "/" + std::to_string(n_exp) + " x (2x " + std::to_string(ff) + "x" +
                         std::to_string(embd) + " " + ds4::type_name(gu_type) + " + " + std::to_string(embd) + "x" +
                         std::to_string(ff) + " " + ds4::type_name(down_type) + ")";
@@ -401,7 +402,8 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
         CK(cudaMemcpyAsync(g_up.data(), d_up, g_up.size() * 4, cudaMemcpyDeviceToHost, s));
         CK(cudaMemcpyAsync(g_out.data(), d_out, g_out.size() * 4, cudaMemcpyDeviceToHost, s));
         CK(cudaStreamSynchronize(s));
-        const double err = std::max({rel_diff(g_gate, c_gate), rel_diff(g_up, c_up), rel_diff(g_out, c_out)});
+        const double err = std::max({parts & 1 ? rel_diff(g_gate, c_gate) : 0.0, parts & 1 ? rel_diff(g_up, c_up) : 0.0,
+                                     parts & 2 ? rel_diff(g_out, c_out) : 0.0});
         const double us = time_median_us(iters, s, [&](int i) { run(1 + i % (n_sets - 1)); });
         const double gus = time_graph_us(std::max(10, iters / kGraphCalls), s, [&](int i) { run(1 + i % (n_sets - 1)); });
         out.push_back(make_row(name, tname, shape, ver, bytes, us, gus, err, copy));
@@ -420,7 +422,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
 int main(int argc, char **argv) {
     int iters = 200;
     const char *csv = nullptr;
-    std::vector<int> versions = {2, 3, 4, 5, 1};
+    std::vector<int> versions = {6, 2, 4, 5, 1};
     for (int i = 1; i < argc; i++) {
         if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
             iters = std::atoi(argv[++i]);
@@ -431,15 +433,15 @@ int main(int argc, char **argv) {
             for (const char *p = argv[++i]; *p;) {
                 char *end;
                 const long v = std::strtol(p, &end, 10);
-                if (end == p || v < 0 || v > 5) {
-                    std::fprintf(stderr, "--versions: a comma-separated list of 0..5 (0 = per-type default)\n");
+                if (end == p || v < 0 || v > 6) {
+                    std::fprintf(stderr, "--versions: a comma-separated list of 0..6 (0 = per-type default)\n");
                     return 2;
                 }
                 versions.push_back((int)v);
                 p = *end == ',' ? end + 1 : end;
             }
         } else {
-            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 2,3,4,5,1]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 6,2,4,5,1]\n", argv[0]);
             return 2;
         }
     }
@@ -468,8 +470,16 @@ int main(int argc, char **argv) {
                         iters, copy, s, versions));
         add(bench_experts("routed experts, Q2 file", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters, copy, s,
                           versions));
+        add(bench_experts("routed Q2: gate+up launch only", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters,
+                          copy, s, versions, 1));
+        add(bench_experts("routed Q2: down launch only", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters,
+                          copy, s, versions, 2));
         add(bench_experts("routed experts, Q4 file", DS4_TYPE_Q4_K, DS4_TYPE_Q4_K, 4096, 2048, 256, 6, iters, copy, s,
                           versions));
+        if (std::getenv("DS4_BENCH_PLAIN_Q2")) {  // the expert launches' bytes as plain matrices (diagnosis)
+            add(bench_plain("plain IQ2_XXS [12288x4096]", DS4_TYPE_IQ2_XXS, {{12288, 4096}}, iters, copy, s, versions));
+            add(bench_plain("plain Q2_K [24576x2048]", DS4_TYPE_Q2_K, {{24576, 2048}}, iters, copy, s, versions));
+        }
         add(bench_plain("token_embd-like F16 [4096x4096]", DS4_TYPE_F16, {{4096, 4096}}, iters, copy, s, {0}));
         ds4::cuda_set_matvec_version(0);
     } catch (const ds4::Error &e) {

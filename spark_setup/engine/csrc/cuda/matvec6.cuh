@@ -1,0 +1,522 @@
+// cuda/matvec6.cuh: matvec version 6, the tensor-core decode (included by cuda/quant.cu after the row maps).
+//
+// Why: v2-v5 multiply f32 activations by exactly decoded weights on the ordinary cores. Counted from their SASS
+// (bench/kernels.md) that costs 5-8 instructions per weight for the 2-bit types, which caps one layer's routed Q2
+// experts near 32% of the copy bandwidth on an H200. Here the weights stay small integers and the products run on
+// the integer tensor cores (mma.m16n8k32 s8 x s8 -> s32), without giving up f32 accuracy:
+//  - x is split per group of XG columns into a power-of-two scale and four signed 8-bit digits,
+//    x = scale * (2^24 d0 + 2^16 d1 + 2^8 d2 + d3), |X| < 2^30: 30 bits against the group's largest value, finer
+//    than f32's own rounding of the products, so the result stays within the 1e-5 bound of the float64 reference.
+//    Each CTA converts the x it needs into shared memory once (four digit planes, natural column order).
+//  - The four planes are four columns of the mma's B operand (columns 4-7 repeat them and are ignored): one mma
+//    gives, for 16 weight rows and 32 columns, the exact integer dot product with every digit plane.
+//  - Weights are A: Q8_0 quants as they are; Q2_K quants times their 4-bit scale (<= 45, one IMUL per 4 weights);
+//    IQ2_XXS grid values with their signs (one PRMT per 4 weights: a selector of 2-bit grid codes plus sign bits
+//    picks bytes from {8, 25, 43, -8, -25, -43}; codes and signs come from lookup tables replicated once per lane,
+//    so the random lookups never conflict on a shared-memory bank).
+//  - Integer sums are exact; the per-block float scales (f16 d, the IQ2 sub-block scale, the x group scale) are
+//    applied once per 32 (Q8_0) or 256 (Q2_K, IQ2_XXS) columns.
+// Mapping: a warp owns a tile of 16 consecutive rows; lane = 4 g + c holds rows g and g + 8 and, in every
+// 32-column step, the 8 weights 8c .. 8c + 7 (the k order inside an mma is free as long as A and B agree, and
+// this one makes every lane's B fragment one 8-byte load). Tiles are streamed global -> shared with cp.async in
+// chunks of CHUNK columns (a per-warp ring of NS stages). When there are too few tiles to fill the GPU evenly, the
+// CTA's 16 warps split the columns of a tile (ks warps per tile) and add their partial rows through shared memory.
+// Launched with programmatic dependent launch: a CTA starts streaming weights before the previous kernel ends.
+namespace v6 {
+
+__host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+constexpr int kW = 16;               // warps per CTA (one CTA per SM: 4 warps per scheduler hide mma/LDS latency)
+constexpr int kThreads = 32 * kW;
+constexpr int kMaxSlots = 4;         // distinct x vectors one CTA may need (expert down projections)
+
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ uint32_t lds32(const uint8_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
+// PTX prmt in its default mode: selector bit 3 (sign replicate) is never set here, so unlike __byte_perm the
+// compiler need not mask it away.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+// ---- per-type chunk decoders ---------------------------------------------------------------------------------
+// chunk(): one staged chunk of the warp's tile. rg / rg8: the stage rows g and g + 8; nb: valid quant blocks in the
+// chunk; dg: this lane's digit plane at the chunk's first column + 8c; xs / sx: x group scales / 16-column sums at
+// the chunk's first column; facc: per row, the digit-weighted sums (scaled by lane at the end); macc: per row, a
+// term subtracted as is (Q2_K mins).
+template <int T>
+struct M6;
+
+template <>
+struct M6<DS4_TYPE_Q8_0> {
+    static constexpr int CHUNK = 256, BLK = 32, DB = 272, SR = 272, NS = 2, XG = 32;
+    static constexpr bool SX = false, LUT = false;
+    __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
+                                 const float *, int c, float (&facc)[2], float (&)[2], const uint32_t *) {
+#pragma unroll
+        for (int b = 0; b < 8; b++) {
+            if (b >= nb) break;
+            uint32_t a[4];
+            const uint8_t *rr[2] = {rg, rg8};
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                if ((b & 1) == 0) {  // quants at 2 mod 4: three aligned words, two funnel shifts
+                    const uint8_t *p = rr[r] + 34 * b + 8 * c;
+                    const uint32_t u0 = lds32(p), u1 = lds32(p + 4), u2 = lds32(p + 8);
+                    a[r] = __funnelshift_r(u0, u1, 16);
+                    a[2 + r] = __funnelshift_r(u1, u2, 16);
+                } else {
+                    const uint8_t *p = rr[r] + 34 * b + 2 + 8 * c;
+                    a[r] = lds32(p);
+                    a[2 + r] = lds32(p + 4);
+                }
+            }
+            const uint2 bb = *reinterpret_cast<const uint2 *>(dg + 32 * b);
+            int d[4] = {0, 0, 0, 0};
+            mma_s8(d, a, bb.x, bb.y);
+            const float x = xs[b];
+            facc[0] = fmaf(ld_h16(rg + 34 * b) * x, (float)(d[0] * 256 + d[1]), facc[0]);
+            facc[1] = fmaf(ld_h16(rg8 + 34 * b) * x, (float)(d[2] * 256 + d[3]), facc[1]);
+        }
+    }
+};
+
+template <>
+struct M6<DS4_TYPE_Q2_K> {
+    static constexpr int CHUNK = 512, BLK = 256, DB = 168, SR = 176, NS = 3, XG = 256;
+    static constexpr bool SX = true, LUT = false;
+    __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
+                                 const float *sx, int c, float (&facc)[2], float (&macc)[2], const uint32_t *) {
+        const int sh = 8 * (c >> 1);
+#pragma unroll
+        for (int b = 0; b < CHUNK / BLK; b++) {
+            if (b >= nb) break;
+            const uint8_t *p[2] = {rg + 84 * b, rg8 + 84 * b};
+            uint32_t sc[2][4], q[2][4];
+            float d[2], dm[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) sc[r][i] = lds32(p[r] + 4 * i);
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    q[r][2 * h] = lds32(p[r] + 16 + 32 * h + 8 * c);
+                    q[r][2 * h + 1] = lds32(p[r] + 20 + 32 * h + 8 * c);
+                }
+                d[r] = ld_h16(p[r] + 80);
+                dm[r] = ld_h16(p[r] + 82);
+            }
+            int acc[4] = {0, 0, 0, 0};  // exact over the whole 256-column block: |q sc| <= 45, |digit| <= 128
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    uint32_t a[4];
+#pragma unroll
+                    for (int r = 0; r < 2; r++) {
+                        const uint32_t s = (sc[r][2 * h + (j >> 1)] >> (16 * (j & 1) + sh)) & 15u;
+                        a[r] = ((q[r][2 * h] >> (2 * j)) & 0x03030303u) * s;  // bytes <= 45: no carries
+                        a[2 + r] = ((q[r][2 * h + 1] >> (2 * j)) & 0x03030303u) * s;
+                    }
+                    const uint2 bb = *reinterpret_cast<const uint2 *>(dg + 256 * b + 32 * (4 * h + j));
+                    mma_s8(acc, a, bb.x, bb.y);
+                }
+            const float x = xs[b];
+            facc[0] = fmaf(d[0] * x, (float)(acc[0] * 256 + acc[1]), facc[0]);
+            facc[1] = fmaf(d[1] * x, (float)(acc[2] * 256 + acc[3]), facc[1]);
+            // mins: this lane takes sub-blocks 4c .. 4c + 3 (scale bytes 4c.., sums of their 16 columns)
+            const float4 sv = *reinterpret_cast<const float4 *>(sx + 16 * b + 4 * c);
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const uint32_t mn = (lds32(p[r] + 4 * c) >> 4) & 0x0F0F0F0Fu;
+                const float t = fmaf(ubyte_f(mn, 0), sv.x, fmaf(ubyte_f(mn, 1), sv.y,
+                                fmaf(ubyte_f(mn, 2), sv.z, ubyte_f(mn, 3) * sv.w)));
+                macc[r] = fmaf(dm[r], t, macc[r]);
+            }
+        }
+    }
+};
+
+// IQ2_XXS selector tables: grid codes (nibble k = code of byte k: 0x08 -> 0, 0x19 -> 1, 0x2b -> 2) and signs
+// (nibble k bit 2 = sign of element k), 32 copies each so that lane l reads copy l (bank l).
+constexpr uint32_t kIq2Pos = 0x002B1908u, kIq2Neg = 0x00D5E7F8u;  // bytes {8,25,43,0} and {-8,-25,-43,0}
+
+template <>
+struct M6<DS4_TYPE_IQ2_XXS> {
+    static constexpr int CHUNK = 1024, BLK = 256, DB = 264, SR = 272, NS = 2, XG = 256;
+    static constexpr bool SX = false, LUT = true;
+    template <int PAR>
+    __device__ static void block(const uint8_t *pg, const uint8_t *pg8, const uint8_t *db, float x, int c, int sh7,
+                                 float (&facc)[2], const uint8_t *lg, const uint8_t *ls) {
+        const uint8_t *p[2] = {pg, pg8};
+        int ia[4] = {0, 0, 0, 0};  // per row: digit-plane pairs, summed over the 8 sub-blocks with their scales
+#pragma unroll
+        for (int s = 0; s < 8; s++) {
+            uint32_t a[4], scl[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const uint8_t *h = p[r] + 2 + 8 * s;
+                const uint32_t idx = h[c];
+                const uint32_t aux = PAR ? lds32(h + 4) : __funnelshift_r(lds32(h + 2), lds32(h + 6), 16);
+                // table entry i of lane l lives at byte 128 i + 4 l
+                const uint32_t sel = lds32(lg + (idx << 7)) | lds32(ls + (((aux >> sh7) & 127u) << 7));
+                a[r] = prmt(kIq2Pos, kIq2Neg, sel);
+                a[2 + r] = prmt(kIq2Pos, kIq2Neg, sel >> 16);
+                scl[r] = (aux >> 27) | 1u;  // 2 * (4-bit scale) + 1
+            }
+            const uint2 bb = *reinterpret_cast<const uint2 *>(db + 32 * s);
+            int d[4] = {0, 0, 0, 0};
+            mma_s8(d, a, bb.x, bb.y);
+            ia[0] += (int)scl[0] * d[0];
+            ia[1] += (int)scl[0] * d[1];
+            ia[2] += (int)scl[1] * d[2];
+            ia[3] += (int)scl[1] * d[3];
+        }
+        // block scale d * (2 ls + 1) / 8; |ia| <= 8 * 31 * 32 * 43 * 128 < 2^31
+        facc[0] = fmaf(ld_h16(pg) * x, fmaf((float)ia[0], 256.0f, (float)ia[1]), facc[0]);
+        facc[1] = fmaf(ld_h16(pg8) * x, fmaf((float)ia[2], 256.0f, (float)ia[3]), facc[1]);
+    }
+    __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
+                                 const float *, int c, float (&facc)[2], float (&)[2], const uint32_t *lut) {
+        const int lane = threadIdx.x & 31;
+        const uint8_t *lg = reinterpret_cast<const uint8_t *>(lut + lane), *ls = lg + 256 * 32 * 4;
+        const int sh7 = 7 * c;
+#pragma unroll 1
+        for (int b = 0; b < nb; b += 2) {  // blocks in pairs: block 2i's headers sit at 2 mod 4, 2i+1's at 0 mod 4
+            block<0>(rg + 66 * b, rg8 + 66 * b, dg + 256 * b, xs[b] * 0.125f, c, sh7, facc, lg, ls);
+            if (b + 1 < nb)
+                block<1>(rg + 66 * (b + 1), rg8 + 66 * (b + 1), dg + 256 * (b + 1), xs[b + 1] * 0.125f, c, sh7, facc,
+                         lg, ls);
+        }
+    }
+};
+
+// The 384 selector words, computed by the compiler from the grid (format data, iq2xxs_grid.h).
+struct Iq2Lut {
+    uint32_t w[256 + 128];
+    constexpr Iq2Lut() : w() {
+        constexpr uint64_t grid[256] = {DS4_IQ2XXS_GRID_VALUES};
+        for (int i = 0; i < 256; i++)
+            for (int k = 0; k < 8; k++) {
+                const uint32_t v = (uint32_t)(grid[i] >> (8 * k)) & 0xff;
+                w[i] |= (v == 0x08 ? 0u : v == 0x19 ? 1u : 2u) << (4 * k);
+            }
+        for (int i = 0; i < 128; i++) {
+            const uint32_t sb = iq2xxs_sign_byte((uint32_t)i);
+            for (int k = 0; k < 8; k++) w[256 + i] |= ((sb >> k) & 1u) << (4 * k + 2);
+        }
+    }
+};
+__device__ const Iq2Lut d_iq2_lut{};
+
+__device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {  // 32 copies: lut[32 i + l] = word i
+    for (int j = threadIdx.x; j < (256 + 128) * 32; j += blockDim.x) lut[j] = d_iq2_lut.w[j >> 5];
+}
+
+// x (K floats) -> four digit planes (plane p at dig + p K), group scales xs[K / XG], optionally 16-column sums.
+template <int XG, bool SX>
+__device__ void convert_x(const float *x, int K, int ps, uint8_t *dig, float *xs, float *sx) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int base = warp * 256; base < K; base += kW * 256) {
+        const int i0 = base + 8 * lane;
+        const bool ok = i0 < K;  // K is a multiple of 32: a group of 4 lanes is all in or all out
+        float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (ok) {
+            const float4 a = ldx4(x + i0), b = ldx4(x + i0 + 4);
+            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+        }
+        float m = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e]));
+#pragma unroll
+        for (int o = 1; o < XG / 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        // m < 2^(E-126); inv = 2^(156-E) puts |x| * inv below 2^30; both powers of two, so x * inv is exact
+        const int E = max((int)((__float_as_uint(m) >> 23) & 0xff), 30);
+        const float inv = __uint_as_float((uint32_t)(283 - E) << 23), scale = __uint_as_float((uint32_t)(E - 29) << 23);
+        uint32_t w[4][2] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            int t = __float2int_rn(v[e] * inv);
+            uint32_t dgt[4];
+#pragma unroll
+            for (int p = 3; p > 0; p--) {  // balanced base-256 digits, least significant first
+                dgt[p] = (uint32_t)t & 0xffu;
+                t = (t - (int)(signed char)dgt[p]) >> 8;
+            }
+            dgt[0] = (uint32_t)t & 0xffu;
+#pragma unroll
+            for (int p = 0; p < 4; p++) w[p][e >> 2] |= dgt[p] << (8 * (e & 3));
+        }
+        if (ok) {
+#pragma unroll
+            for (int p = 0; p < 4; p++) *reinterpret_cast<uint2 *>(dig + (size_t)p * ps + i0) = make_uint2(w[p][0], w[p][1]);
+            if ((lane & (XG / 8 - 1)) == 0) xs[i0 / XG] = scale;
+        }
+        if (SX) {
+            float s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            if (ok && (lane & 1) == 0) sx[i0 / 16] = s;
+        }
+    }
+}
+
+// Which x a row reads (a key per distinct x vector), where it is, and where a 16-row tile starts. v6 handles
+// expert rows only when keys grow with the row index (one matrix per launch, or one x shared by every expert);
+// their expert ids are first copied to shared memory (ids: that copy), so that issuing a tile's loads never waits
+// on a global load. All of it in 32-bit arithmetic: a matrix has < 2^31 rows here (checked on the host).
+__device__ __forceinline__ int x_key(const PlainRows &, int) { return 0; }
+__device__ __forceinline__ const float *x_of(const PlainRows &r, int) { return r.x; }
+__device__ __forceinline__ const uint8_t *tile_ptr(const PlainRows &r, int tile, const int32_t *) {
+    return r.W + (size_t)tile * 16 * r.rb;
+}
+__device__ __forceinline__ int x_key(const ExpertRows &r, int row) { return r.x_stride ? row / (int)r.n_rows : 0; }
+__device__ __forceinline__ const float *x_of(const ExpertRows &r, int k) { return r.x + (int64_t)k * r.x_stride; }
+__device__ __forceinline__ const uint8_t *tile_ptr(const ExpertRows &r, int tile, const int32_t *ids) {
+    int g = tile * 16;
+    const bool m = g >= (int)r.per_mat;
+    if (m) g -= (int)r.per_mat;
+    const int e = g / (int)r.n_rows, row = g - e * (int)r.n_rows;
+    return (m ? r.W1 : r.W0) + (size_t)ids[e] * (size_t)r.stride + (size_t)row * r.rb;
+}
+__device__ __forceinline__ int n_ids(const PlainRows &) { return 0; }
+__device__ __forceinline__ int n_ids(const ExpertRows &r) { return (int)(r.per_mat / r.n_rows); }
+__device__ __forceinline__ const int32_t *ids_of(const PlainRows &) { return nullptr; }
+__device__ __forceinline__ const int32_t *ids_of(const ExpertRows &r) { return r.ids; }
+constexpr int kMaxIds = 256;
+
+template <int T>
+struct Layout {
+    using D = M6<T>;
+    static constexpr int kStage = 16 * D::SR;
+    static constexpr int kStages = kW * D::NS * kStage;
+    static constexpr int kLut = D::LUT ? (256 + 128) * 32 * 4 : 0;
+    static constexpr int kRed = 2 * kW * 16 * 4;
+    // a slot: 4 digit planes of K bytes at a stride of K + 32 (plane p starts 8 banks after plane p - 1, so the
+    // 16 addresses of one B-fragment load hit 32 different banks), then the group scales, then the 16-column sums
+    __host__ __device__ static int plane(int K) { return K + 32; }
+    __host__ __device__ static int xs_off(int K) { return 4 * plane(K); }
+    __host__ __device__ static int sx_off(int K) { return xs_off(K) + (4 * (K / D::XG) + 15) / 16 * 16; }
+    __host__ __device__ static int slot_bytes(int K) { return sx_off(K) + (D::SX ? 4 * (K / 16) : 0); }
+    __host__ __device__ static int smem(int K, int slots) { return kStages + kLut + kRed + slots * slot_bytes(K); }
+};
+
+template <int T, class Rows>
+__global__ void __launch_bounds__(kThreads, 1) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
+    using D = M6<T>;
+    using L = Layout<T>;
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ int32_t ids[kMaxIds];
+    pdl_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const int n_tiles = (total_rows + 15) / 16;
+    const int tpr = kW / ks;  // tiles per round
+    const int R0 = (int)((int64_t)rounds * blockIdx.x / gridDim.x), R1 = (int)((int64_t)rounds * (blockIdx.x + 1) / gridDim.x);
+    const int grp = warp / ks, sl = warp % ks;
+    const int nch = (K + D::CHUNK - 1) / D::CHUNK;
+    const int ch0 = sl * nch / ks, my_nch = (sl + 1) * nch / ks - ch0;
+    const size_t rb = rows.rb;
+
+    uint8_t *stage = smem + warp * D::NS * L::kStage;
+    uint32_t *lut = reinterpret_cast<uint32_t *>(smem + L::kStages);
+    float *red = reinterpret_cast<float *>(smem + L::kStages + L::kLut);
+    uint8_t *xslots = smem + L::kStages + L::kLut + L::kRed;
+    const int sb = L::slot_bytes(K);
+
+    const int U = R1 - R0;
+
+    // the x vectors this CTA reads (keys grow with the row): converted once into shared memory
+    int kfirst = 0;
+    auto convert_all = [&] {
+        if (U <= 0) return;
+        const int t0 = R0 * tpr, t1 = min(R1 * tpr, n_tiles) - 1;
+        kfirst = x_key(rows, t0 * 16);
+        const int klast = x_key(rows, t1 * 16);
+        for (int k = kfirst; k <= klast && k - kfirst < kMaxSlots; k++) {
+            uint8_t *sl8 = xslots + (k - kfirst) * sb;
+            convert_x<D::XG, D::SX>(x_of(rows, k), K, L::plane(K), sl8, reinterpret_cast<float *>(sl8 + L::xs_off(K)),
+                                    reinterpret_cast<float *>(sl8 + L::sx_off(K)));
+        }
+    };
+    if (!Rows::kConstWeights) {  // expert rows: the weight addresses come from the router's ids
+        pdl_wait();
+        for (int i = threadIdx.x; i < n_ids(rows); i += blockDim.x) ids[i] = ids_of(rows)[i];
+        __syncthreads();
+    }
+
+    // items: (unit u, chunk k) in order; unit u = tile (R0 + u) * tpr + grp, chunk ch0 + k of it
+    // A chunk's DB bytes of a row start at a multiple of 8: the copy takes the 16-byte aligned span around them
+    // (rows are 16-byte multiples, so the span stays inside the row) into a stage row of SR bytes; the chunk's
+    // data then starts 0 or 8 bytes into it.
+    constexpr int UPR = D::SR / 16;  // 16-byte units per stage row
+    auto issue = [&](int u, int k, int st) {
+        const int tile = (R0 + u) * tpr + grp;
+        if (u < U && tile < n_tiles && !(diag & 2)) {
+            const int off = (ch0 + k) * D::DB, a0 = off & ~15;
+            const int bytes = ((min(off + D::DB, (int)rb) + 15) & ~15) - a0;
+            const int nrows = min(16, total_rows - tile * 16);
+            const uint8_t *src = tile_ptr(rows, tile, ids) + a0;
+            uint8_t *dst = stage + st * L::kStage;
+            for (int t = lane; t < 16 * UPR; t += 32) {
+                const int r = t / UPR, o = t - r * UPR;
+                if (r < nrows && 16 * o < bytes) cp_async16(dst + r * D::SR + 16 * o, src + (size_t)r * rb + 16 * o);
+            }
+        }
+        cp_async_commit();
+    };
+    int iu = 0, ik = 0, ist = 0;  // next item to issue
+    auto issue_next = [&] {
+        issue(iu, ik, ist);
+        if (++ik == my_nch) ik = 0, iu++;
+        if (++ist == D::NS) ist = 0;
+    };
+
+    // the first weight loads go out first; the table and x conversion overlap their latency
+#pragma unroll
+    for (int s = 0; s < D::NS - 1; s++) issue_next();
+    if (D::LUT) build_iq2_lut(lut);
+    if (Rows::kConstWeights) pdl_wait();  // before reading x or writing y
+    convert_all();
+    __syncthreads();
+
+    const float lam = c == 0 ? 65536.0f : c == 1 ? 1.0f : 0.0f;  // columns 0,1 = planes 0,1; 2,3 = planes 2,3
+    float facc[2] = {0.0f, 0.0f}, macc[2] = {0.0f, 0.0f};
+    int st = 0;
+    for (int u = 0; u < U; u++) {
+        const int tile = (R0 + u) * tpr + grp;
+        const bool live = tile < n_tiles;
+        const uint8_t *xsl = xslots + (live ? x_key(rows, tile * 16) - kfirst : 0) * sb;
+        const float *xs = reinterpret_cast<const float *>(xsl + L::xs_off(K));
+        const float *sx = reinterpret_cast<const float *>(xsl + L::sx_off(K));
+        for (int k = 0; k < my_nch; k++) {
+            issue_next();
+            cp_wait<D::NS - 1>();
+            __syncwarp();
+            if (live && !(diag & 1)) {
+                const int col0 = (ch0 + k) * D::CHUNK;
+                const int nb = min(D::CHUNK, K - col0) / D::BLK;
+                const uint8_t *stg = stage + st * L::kStage + (((ch0 + k) * D::DB) & 15);
+                D::chunk(stg + g * D::SR, stg + (g + 8) * D::SR, nb, xsl + (size_t)(g & 3) * L::plane(K) + col0 + 8 * c,
+                         xs + col0 / D::XG, sx + col0 / 16, c, facc, macc, lut);
+            }
+            __syncwarp();
+            if (++st == D::NS) st = 0;
+        }
+        if (live) {
+            float v0 = facc[0] * lam - macc[0], v1 = facc[1] * lam - macc[1];
+            v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+            v0 += __shfl_xor_sync(0xffffffffu, v0, 2);
+            v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
+            v1 += __shfl_xor_sync(0xffffffffu, v1, 2);
+            if (ks == 1) {
+                if (c == 0) {
+                    if (tile * 16 + g < total_rows) *rows.out(tile * 16 + g) = v0;
+                    if (tile * 16 + g + 8 < total_rows) *rows.out(tile * 16 + g + 8) = v1;
+                }
+            } else {
+                float *rbuf = red + (u & 1) * kW * 16;
+                if (c == 0) {
+                    rbuf[warp * 16 + g] = v0;
+                    rbuf[warp * 16 + g + 8] = v1;
+                }
+                named_sync(1 + grp, 32 * ks);
+                if (sl == 0 && lane < 16) {
+                    float v = 0.0f;
+                    for (int s2 = 0; s2 < ks; s2++) v += rbuf[(grp * ks + s2) * 16 + lane];
+                    if (tile * 16 + lane < total_rows) *rows.out(tile * 16 + lane) = v;
+                }
+            }
+        }
+        facc[0] = facc[1] = macc[0] = macc[1] = 0.0f;
+    }
+    cp_async_wait0();
+}
+
+// Host side: picks the column split, the grid and the shared memory; false when v6 does not apply (the caller
+// then runs v2). Requires 16-byte aligned rows (checked by the caller) and, for experts, whole 16-row tiles.
+bool tiles_ok(const PlainRows &, int64_t) { return true; }
+bool tiles_ok(const ExpertRows &r, int64_t total) {  // keys must grow with the row; ids fit the shared copy
+    return r.n_rows % 16 == 0 && (r.x_stride == 0 || total == r.per_mat) && r.per_mat / r.n_rows <= kMaxIds;
+}
+int64_t key_span_rows(const PlainRows &) { return INT64_MAX; }
+int64_t key_span_rows(const ExpertRows &r) { return r.x_stride ? r.n_rows : INT64_MAX; }
+
+template <int T, class Rows>
+bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
+    using D = M6<T>;
+    using L = Layout<T>;
+    if (!tiles_ok(rows, total) || n_cols % D::BLK != 0 || n_cols > (1 << 20) || total >= ((int64_t)1 << 31) / 2)
+        return false;
+    const int K = (int)n_cols;
+    const int64_t n_tiles = (total + 15) / 16;
+    const int nch = (K + D::CHUNK - 1) / D::CHUNK;
+    const int64_t span = key_span_rows(rows);
+    auto kernel = matvec6<T, Rows>;
+
+    // column split: the smallest ks whose rounds fill the GPU evenly enough
+    const int sms = sm_count();
+    int best_ks = 1;
+    double best_eff = -1;
+    for (int ks = 1; ks <= kW && ks <= nch; ks *= 2) {
+        const int64_t rounds = (n_tiles + kW / ks - 1) / (kW / ks);
+        const int64_t ctas = sms;
+        const int64_t waves = (rounds + ctas - 1) / ctas;
+        const double eff = (double)rounds / (double)(waves * ctas);
+        if (eff > best_eff + 0.05) {
+            best_eff = eff;
+            best_ks = ks;
+        }
+    }
+    const int ks = best_ks;
+    const int64_t rounds = (n_tiles + kW / ks - 1) / (kW / ks);
+    int64_t grid = std::min<int64_t>(rounds, (int64_t)sms);
+    // distinct x vectors per CTA (expert down projections): at most kMaxSlots
+    auto slots_for = [&](int64_t gr) -> int64_t {
+        if (span == INT64_MAX) return 1;
+        const int64_t rows_per_cta = ((rounds + gr - 1) / gr) * 16 * (kW / ks);
+        return (rows_per_cta + span - 1) / span + 1;
+    };
+    while (slots_for(grid) > kMaxSlots && grid < rounds) grid = std::min<int64_t>(rounds, grid * 2);
+    const int slots = (int)std::min<int64_t>(kMaxSlots, slots_for(grid));
+    if (slots_for(grid) > kMaxSlots) return false;
+    const int smem = L::smem(K, slots);
+    static int smem_set = 0;
+    if (smem > smem_set) {
+        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+            cudaGetLastError();
+            return false;
+        }
+        smem_set = smem;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = (size_t)smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    // DS4_V6_DIAG (benchmark diagnosis only): 1 = skip the decode, 2 = skip the weight loads
+    static const int diag = [] {
+        const char *e = std::getenv("DS4_V6_DIAG");
+        return e ? std::atoi(e) : 0;
+    }();
+    DS4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, rows, (int)total, K, ks, (int)rounds, diag));
+    return true;
+}
+
+}  // namespace v6
