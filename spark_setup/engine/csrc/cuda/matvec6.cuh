@@ -220,11 +220,18 @@ struct Iq2Lut {
         }
     }
 };
-__device__ const Iq2Lut d_iq2_lut{};
+__constant__ const Iq2Lut c_iq2_lut{};
 
-__device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {  // 32 copies: lut[32 i + l] = word i
-    for (int j = threadIdx.x; j < (256 + 128) * 32; j += blockDim.x) lut[j] = d_iq2_lut.w[j >> 5];
+// 32 copies: lut[32 i + l] = word i. Lane l writes copy l, so a warp reads one constant (a broadcast) and
+// writes 32 consecutive words; unrolled so the constant loads do not wait on each other.
+__device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {
+#pragma unroll
+    for (int k = 0; k < (256 + 128) * 32 / kThreads; k++) {
+        const int j = (int)threadIdx.x + k * kThreads;
+        lut[j] = c_iq2_lut.w[j >> 5];
+    }
 }
+static_assert((256 + 128) * 32 % kThreads == 0, "LUT build: whole rounds");
 
 // x (K floats) -> four digit planes (plane p at dig + p K), group scales xs[K / XG], optionally 16-column sums.
 template <int XG, bool SX>

@@ -668,8 +668,8 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
 int g_matvec_version = -1;  // -1 = not read from the environment yet
 
 // Per-type choice of version 0 ("auto"): v6 (tensor-core decode, matvec6.cuh) for the types it has, from H200
-// run 8 (bench/h200/run8-1405: graph timing, output head 85-89% of copy vs 76% for v2, routed Q2 experts 26-28%
-// vs 17%); v2 for Q4_K (v6 has no Q4_K decoder). v2-v5 stay selectable (DS4_MATVEC_VERSION) for comparison.
+// runs 8-15 (bench/h200/run15-1427: graph timing, output head 85-89% of copy vs 74-76% for v2, routed Q2 experts 28%
+// vs 16-17%); v2 for Q4_K (v6 has no Q4_K decoder). v2-v5 stay selectable (DS4_MATVEC_VERSION) for comparison.
 int auto_version(int type) {
     return type == DS4_TYPE_Q8_0 || type == DS4_TYPE_Q2_K || type == DS4_TYPE_IQ2_XXS ? 6 : 2;
 }

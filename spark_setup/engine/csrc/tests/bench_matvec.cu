@@ -421,13 +421,15 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
 
 int main(int argc, char **argv) {
     int iters = 200;
-    const char *csv = nullptr;
+    const char *csv = nullptr, *only = nullptr;
     std::vector<int> versions = {6, 2, 4, 5, 1};
     for (int i = 1; i < argc; i++) {
         if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
             iters = std::atoi(argv[++i]);
         } else if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) {
             csv = argv[++i];
+        } else if (!std::strcmp(argv[i], "--case") && i + 1 < argc) {
+            only = argv[++i];
         } else if (!std::strcmp(argv[i], "--versions") && i + 1 < argc) {
             versions.clear();
             for (const char *p = argv[++i]; *p;) {
@@ -441,7 +443,7 @@ int main(int argc, char **argv) {
                 p = *end == ',' ? end + 1 : end;
             }
         } else {
-            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 6,2,4,5,1]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 6,2,4,5,1] [--case SUBSTRING]\n", argv[0]);
             return 2;
         }
     }
@@ -460,27 +462,40 @@ int main(int argc, char **argv) {
 
     std::vector<Row> rows;
     auto add = [&](std::vector<Row> r) { rows.insert(rows.end(), r.begin(), r.end()); };
+    auto want = [&](const char *name) { return !only || std::strstr(name, only); };  // --case: run only these
     try {
         // every kernel version on the same weights, side by side (v1 = the first version, the baseline)
-        add(bench_plain("output head", DS4_TYPE_Q8_0, {{129280, 4096}}, iters, copy, s, versions));
-        add(bench_plain("attn_q_b", DS4_TYPE_Q8_0, {{32768, 1024}}, iters, copy, s, versions));
-        add(bench_plain("attn_output_a", DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s, versions));
-        add(bench_plain("attn_output_b", DS4_TYPE_Q8_0, {{4096, 8192}}, iters, copy, s, versions));
-        add(bench_plain("shared expert (gate, up, down)", DS4_TYPE_Q8_0, {{2048, 4096}, {2048, 4096}, {4096, 2048}},
+        if (want("output head"))
+            add(bench_plain("output head", DS4_TYPE_Q8_0, {{129280, 4096}}, iters, copy, s, versions));
+        if (want("attn_q_b"))
+            add(bench_plain("attn_q_b", DS4_TYPE_Q8_0, {{32768, 1024}}, iters, copy, s, versions));
+        if (want("attn_output_a"))
+            add(bench_plain("attn_output_a", DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s, versions));
+        if (want("attn_output_b"))
+            add(bench_plain("attn_output_b", DS4_TYPE_Q8_0, {{4096, 8192}}, iters, copy, s, versions));
+        if (want("shared expert (gate, up, down)"))
+            add(bench_plain("shared expert (gate, up, down)", DS4_TYPE_Q8_0, {{2048, 4096}, {2048, 4096}, {4096, 2048}},
                         iters, copy, s, versions));
-        add(bench_experts("routed experts, Q2 file", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters, copy, s,
+        if (want("routed experts, Q2 file"))
+            add(bench_experts("routed experts, Q2 file", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters, copy, s,
                           versions));
-        add(bench_experts("routed Q2: gate+up launch only", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters,
+        if (want("routed Q2: gate+up launch only"))
+            add(bench_experts("routed Q2: gate+up launch only", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters,
                           copy, s, versions, 1));
-        add(bench_experts("routed Q2: down launch only", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters,
+        if (want("routed Q2: down launch only"))
+            add(bench_experts("routed Q2: down launch only", DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, 4096, 2048, 256, 6, iters,
                           copy, s, versions, 2));
-        add(bench_experts("routed experts, Q4 file", DS4_TYPE_Q4_K, DS4_TYPE_Q4_K, 4096, 2048, 256, 6, iters, copy, s,
+        if (want("routed experts, Q4 file"))
+            add(bench_experts("routed experts, Q4 file", DS4_TYPE_Q4_K, DS4_TYPE_Q4_K, 4096, 2048, 256, 6, iters, copy, s,
                           versions));
         if (std::getenv("DS4_BENCH_PLAIN_Q2")) {  // the expert launches' bytes as plain matrices (diagnosis)
-            add(bench_plain("plain IQ2_XXS [12288x4096]", DS4_TYPE_IQ2_XXS, {{12288, 4096}}, iters, copy, s, versions));
-            add(bench_plain("plain Q2_K [24576x2048]", DS4_TYPE_Q2_K, {{24576, 2048}}, iters, copy, s, versions));
+            if (want("plain IQ2_XXS [12288x4096]"))
+                add(bench_plain("plain IQ2_XXS [12288x4096]", DS4_TYPE_IQ2_XXS, {{12288, 4096}}, iters, copy, s, versions));
+            if (want("plain Q2_K [24576x2048]"))
+                add(bench_plain("plain Q2_K [24576x2048]", DS4_TYPE_Q2_K, {{24576, 2048}}, iters, copy, s, versions));
         }
-        add(bench_plain("token_embd-like F16 [4096x4096]", DS4_TYPE_F16, {{4096, 4096}}, iters, copy, s, {0}));
+        if (want("token_embd-like F16 [4096x4096]"))
+            add(bench_plain("token_embd-like F16 [4096x4096]", DS4_TYPE_F16, {{4096, 4096}}, iters, copy, s, {0}));
         ds4::cuda_set_matvec_version(0);
     } catch (const ds4::Error &e) {
         std::fprintf(stderr, "engine error: %s\n", e.what());
