@@ -137,6 +137,12 @@ def test_cli_errors(tmp_path):
     assert res.returncode == 1 and "no such file" in res.stderr
     res = run_cli("roofline", "--bandwidth", "100", "--ctx", "0", "4096", "16384")
     assert res.returncode == 0 and "456" not in res.stdout and "4,096" in res.stdout
+    # without --bandwidth the engine probe runs; the model is checked before it, whatever the engine's state
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"garbage")
+    for m, msg in ((tmp_path / "none.gguf", "no such file"), (bad, "not a GGUF file")):
+        res = run_cli("roofline", "--model", str(m), env={"DS4_ENGINE_LIB": str(tmp_path / "missing.so")})
+        assert res.returncode == 1 and msg in res.stderr and "engine" not in res.stderr, res.stderr
 
 
 def test_plot(tmp_path):

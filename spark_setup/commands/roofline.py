@@ -48,6 +48,8 @@ def register(app: typer.Typer) -> None:
 
         if probe_gib < 0 or iters < 0:
             raise UsageError("--probe-gib and --iters must be >= 0")
+        # what is cheap to check first: a missing or corrupt --model must not be reported as a probe problem
+        r.build_roofline(ctx, r.Bandwidth("given", 0, 0, 1.0, None), model, variant)
         if bandwidth is not None:
             if bandwidth <= 0:
                 raise UsageError(f"--bandwidth must be > 0 GB/s, got {bandwidth}")
