@@ -78,6 +78,9 @@ void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
 // decode, for Q8_0 / Q2_K / IQ2_XXS; v2 for Q4_K), 1..6 forces one (1 = warp per row, the benchmark's baseline;
 // shapes or types a version does not take fall back to v2). Not thread-safe.
 void cuda_set_matvec_version(int v);
+// Benchmark diagnosis of v6 only (results are wrong on purpose): 1 = skip the decode, 2 = skip the weight loads,
+// 3 = both, 0 = normal. bench_matvec sets it from DS4_V6_DIAG. Not thread-safe.
+void cuda_set_matvec_diag(int d);
 // Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,
 // copies y back, synchronizes. Throws ds4::Error(DS4_E_BACKEND) on a CUDA error or when no device is present.
 void cuda_matvec_host(int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y);

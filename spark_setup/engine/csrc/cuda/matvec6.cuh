@@ -29,6 +29,7 @@ __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { retur
 constexpr int kW = 16;               // warps per CTA (one CTA per SM: 4 warps per scheduler hide mma/LDS latency)
 constexpr int kThreads = 32 * kW;
 constexpr int kMaxSlots = 4;         // distinct x vectors one CTA may need (expert down projections)
+int g_diag = 0;                      // cuda_set_matvec_diag: benchmark diagnosis only (wrong results by design)
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -531,12 +532,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    // DS4_V6_DIAG (benchmark diagnosis only): 1 = skip the decode, 2 = skip the weight loads
-    static const int diag = [] {
-        const char *e = std::getenv("DS4_V6_DIAG");
-        return e ? std::atoi(e) : 0;
-    }();
-    DS4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, rows, (int)total, K, ks, (int)rounds, diag));
+    DS4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, rows, (int)total, K, ks, (int)rounds, g_diag));
     return true;
 }
 

@@ -911,6 +911,7 @@ __global__ void dequant_kernel(int type, const uint8_t *data, size_t rb, int bs,
 }  // namespace
 
 void cuda_set_matvec_version(int v) { g_matvec_version = v; }
+void cuda_set_matvec_diag(int d) { v6::g_diag = d; }
 
 void cuda_dequant_rows(int type, const void *d_data, int64_t n_cols, int64_t r0, int64_t r1, float *d_out,
                        cudaStream_t stream) {

@@ -460,6 +460,7 @@ int main(int argc, char **argv) {
     const double copy = copy_gbs(std::max(20, iters / 5), s);
     const double read = read_gbs(std::max(20, iters / 5), s, prop.multiProcessorCount);
 
+    if (const char *d = std::getenv("DS4_V6_DIAG")) ds4::cuda_set_matvec_diag(std::atoi(d));  // see quant.h
     std::vector<Row> rows;
     auto add = [&](std::vector<Row> r) { rows.insert(rows.end(), r.begin(), r.end()); };
     auto want = [&](const char *name) { return !only || std::strstr(name, only); };  // --case: run only these
