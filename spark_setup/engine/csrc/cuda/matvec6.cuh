@@ -26,8 +26,8 @@ namespace v6 {
 
 __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-constexpr int kW = 16;               // warps per CTA (one CTA per SM: 4 warps per scheduler hide mma/LDS latency)
-constexpr int kThreads = 32 * kW;
+// Warps per CTA (W, a template parameter): 16 by default (one CTA per SM: 4 warps per scheduler hide the mma and
+// shared-memory latency; 150-210 KB of shared memory); 8 for devices with ~100 KB per block (GB10), "v7".
 constexpr int kMaxSlots = 4;         // distinct x vectors one CTA may need (expert down projections)
 int g_diag = 0;                      // cuda_set_matvec_diag: benchmark diagnosis only (wrong results by design)
 
@@ -227,20 +227,21 @@ __constant__ const Iq2Lut c_iq2_lut{};
 
 // 32 copies: lut[32 i + l] = word i. Lane l writes copy l, so a warp reads one constant (a broadcast) and
 // writes 32 consecutive words; unrolled so the constant loads do not wait on each other.
+template <int W>
 __device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {
+    static_assert((256 + 128) * 32 % (32 * W) == 0, "LUT build: whole rounds");
 #pragma unroll
-    for (int k = 0; k < (256 + 128) * 32 / kThreads; k++) {
-        const int j = (int)threadIdx.x + k * kThreads;
+    for (int k = 0; k < (256 + 128) * 32 / (32 * W); k++) {
+        const int j = (int)threadIdx.x + k * 32 * W;
         lut[j] = c_iq2_lut.w[j >> 5];
     }
 }
-static_assert((256 + 128) * 32 % kThreads == 0, "LUT build: whole rounds");
 
 // x (K floats) -> four digit planes (plane p at dig + p K), group scales xs[K / XG], optionally 16-column sums.
-template <int XG, bool SX>
+template <int XG, bool SX, int W>
 __device__ void convert_x(const float *x, int K, int ps, uint8_t *dig, float *xs, float *sx) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int base = warp * 256; base < K; base += kW * 256) {
+    for (int base = warp * 256; base < K; base += W * 256) {
         const int i0 = base + 8 * lane;
         const bool ok = i0 < K;  // K is a multiple of 32: a group of 4 lanes is all in or all out
         float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -307,13 +308,13 @@ __device__ __forceinline__ const int32_t *ids_of(const PlainRows &) { return nul
 __device__ __forceinline__ const int32_t *ids_of(const ExpertRows &r) { return r.ids; }
 constexpr int kMaxIds = 256;
 
-template <int T>
+template <int T, int W>
 struct Layout {
     using D = M6<T>;
     static constexpr int kStage = 16 * D::SR;
-    static constexpr int kStages = kW * D::NS * kStage;
+    static constexpr int kStages = W * D::NS * kStage;
     static constexpr int kLut = D::LUT ? (256 + 128) * 32 * 4 : 0;
-    static constexpr int kRed = 2 * kW * 16 * 4;
+    static constexpr int kRed = 2 * W * 16 * 4;
     // a slot: 4 digit planes of K bytes at a stride of K + 32 (plane p starts 8 banks after plane p - 1, so the
     // 16 addresses of one B-fragment load hit 32 different banks), then the group scales, then the 16-column sums
     __host__ __device__ static int plane(int K) { return K + 32; }
@@ -323,16 +324,16 @@ struct Layout {
     __host__ __device__ static int smem(int K, int slots) { return kStages + kLut + kRed + slots * slot_bytes(K); }
 };
 
-template <int T, class Rows>
-__global__ void __launch_bounds__(kThreads, M6<T>::MINB) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
+template <int T, class Rows, int W>
+__global__ void __launch_bounds__(32 * W, M6<T>::MINB) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
     using D = M6<T>;
-    using L = Layout<T>;
+    using L = Layout<T, W>;
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int32_t ids[kMaxIds];
     pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const int n_tiles = (total_rows + 15) / 16;
-    const int tpr = kW / ks;  // tiles per round
+    const int tpr = W / ks;  // tiles per round
     const int R0 = (int)((int64_t)rounds * blockIdx.x / gridDim.x), R1 = (int)((int64_t)rounds * (blockIdx.x + 1) / gridDim.x);
     const int grp = warp / ks, sl = warp % ks;
     const int nch = (K + D::CHUNK - 1) / D::CHUNK;
@@ -356,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, M6<T>::MINB) matvec6(Rows rows, int 
         const int klast = x_key(rows, t1 * 16);
         for (int k = kfirst; k <= klast && k - kfirst < kMaxSlots; k++) {
             uint8_t *sl8 = xslots + (k - kfirst) * sb;
-            convert_x<D::XG, D::SX>(x_of(rows, k), K, L::plane(K), sl8, reinterpret_cast<float *>(sl8 + L::xs_off(K)),
+            convert_x<D::XG, D::SX, W>(x_of(rows, k), K, L::plane(K), sl8, reinterpret_cast<float *>(sl8 + L::xs_off(K)),
                                     reinterpret_cast<float *>(sl8 + L::sx_off(K)));
         }
     };
@@ -396,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, M6<T>::MINB) matvec6(Rows rows, int 
     // the first weight loads go out first; the table and x conversion overlap their latency
 #pragma unroll
     for (int s = 0; s < D::NS - 1; s++) issue_next();
-    if (D::LUT) build_iq2_lut(lut);
+    if (D::LUT) build_iq2_lut<W>(lut);
     if (Rows::kConstWeights) pdl_wait();  // before reading x or writing y
     convert_all();
     __syncthreads();
@@ -436,7 +437,7 @@ __global__ void __launch_bounds__(kThreads, M6<T>::MINB) matvec6(Rows rows, int 
                     if (tile * 16 + g + 8 < total_rows) *rows.out(tile * 16 + g + 8) = v1;
                 }
             } else {
-                float *rbuf = red + (u & 1) * kW * 16;
+                float *rbuf = red + (u & 1) * W * 16;
                 if (c == 0) {
                     rbuf[warp * 16 + g] = v0;
                     rbuf[warp * 16 + g + 8] = v1;
@@ -463,24 +464,24 @@ bool tiles_ok(const ExpertRows &r, int64_t total) {  // keys must grow with the 
 int64_t key_span_rows(const PlainRows &) { return INT64_MAX; }
 int64_t key_span_rows(const ExpertRows &r) { return r.x_stride ? r.n_rows : INT64_MAX; }
 
-template <int T, class Rows>
+template <int T, int W, class Rows>
 bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     using D = M6<T>;
-    using L = Layout<T>;
+    using L = Layout<T, W>;
     if (!tiles_ok(rows, total) || n_cols % D::BLK != 0 || n_cols > (1 << 20) || total >= ((int64_t)1 << 31) / 2)
         return false;
     const int K = (int)n_cols;
     const int64_t n_tiles = (total + 15) / 16;
     const int nch = (K + D::CHUNK - 1) / D::CHUNK;
     const int64_t span = key_span_rows(rows);
-    auto kernel = matvec6<T, Rows>;
+    auto kernel = matvec6<T, Rows, W>;
 
     // column split: the smallest ks whose rounds fill the GPU evenly enough
     const int sms = sm_count();
     int best_ks = 1;
     double best_eff = -1;
-    for (int ks = 1; ks <= kW && ks <= nch; ks *= 2) {
-        const int64_t rounds = (n_tiles + kW / ks - 1) / (kW / ks);
+    for (int ks = 1; ks <= W && ks <= nch; ks *= 2) {
+        const int64_t rounds = (n_tiles + W / ks - 1) / (W / ks);
         const int64_t ctas = sms;
         const int64_t waves = (rounds + ctas - 1) / ctas;
         const double eff = (double)rounds / (double)(waves * ctas);
@@ -490,12 +491,12 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
         }
     }
     const int ks = best_ks;
-    const int64_t rounds = (n_tiles + kW / ks - 1) / (kW / ks);
+    const int64_t rounds = (n_tiles + W / ks - 1) / (W / ks);
     int64_t grid = std::min<int64_t>(rounds, (int64_t)sms);
     // distinct x vectors per CTA (expert down projections): at most kMaxSlots
     auto slots_for = [&](int64_t gr) -> int64_t {
         if (span == INT64_MAX) return 1;
-        const int64_t rows_per_cta = ((rounds + gr - 1) / gr) * 16 * (kW / ks);
+        const int64_t rows_per_cta = ((rounds + gr - 1) / gr) * 16 * (W / ks);
         return (rows_per_cta + span - 1) / span + 1;
     };
     while (slots_for(grid) > kMaxSlots && grid < rounds) grid = std::min<int64_t>(rounds, grid * 2);
@@ -524,7 +525,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3(kThreads);
+    cfg.blockDim = dim3(32 * W);
     cfg.dynamicSmemBytes = (size_t)smem;
     cfg.stream = s;
     cudaLaunchAttribute attr[1];

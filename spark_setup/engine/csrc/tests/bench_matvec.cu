@@ -422,7 +422,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
 int main(int argc, char **argv) {
     int iters = 200;
     const char *csv = nullptr, *only = nullptr;
-    std::vector<int> versions = {6, 2, 4, 5, 1};
+    std::vector<int> versions = {6, 7, 2, 4, 1};
     for (int i = 1; i < argc; i++) {
         if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
             iters = std::atoi(argv[++i]);
@@ -435,15 +435,15 @@ int main(int argc, char **argv) {
             for (const char *p = argv[++i]; *p;) {
                 char *end;
                 const long v = std::strtol(p, &end, 10);
-                if (end == p || v < 0 || v > 6) {
-                    std::fprintf(stderr, "--versions: a comma-separated list of 0..6 (0 = per-type default)\n");
+                if (end == p || v < 0 || v > 7) {
+                    std::fprintf(stderr, "--versions: a comma-separated list of 0..7 (0 = per-type default)\n");
                     return 2;
                 }
                 versions.push_back((int)v);
                 p = *end == ',' ? end + 1 : end;
             }
         } else {
-            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 6,2,4,5,1] [--case SUBSTRING]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 6,7,2,4,1] [--case SUBSTRING]\n", argv[0]);
             return 2;
         }
     }
