@@ -20,8 +20,9 @@
 // 32-column step, the 8 weights 8c .. 8c + 7 (the k order inside an mma is free as long as A and B agree, and
 // this one makes every lane's B fragment one 8-byte load). Tiles are streamed global -> shared with cp.async in
 // chunks of CHUNK columns (a per-warp ring of NS stages). When there are too few tiles to fill the GPU evenly, the
-// CTA's 16 warps split the columns of a tile (ks warps per tile) and add their partial rows through shared memory.
-// Launched with programmatic dependent launch: a CTA starts streaming weights before the previous kernel ends.
+// CTA's W warps (16, or 8 where a block has ~100 KB of shared memory) split the columns of a tile (ks warps per
+// tile) and add their partial rows through shared memory. Launched with programmatic dependent launch: a CTA of a
+// plain matrix issues its first weight loads before waiting for the previous kernel. Results: bench/kernels.md.
 namespace v6 {
 
 __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
