@@ -13,17 +13,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "check.cuh"
 #include "common.h"
 
 namespace ds4 {
 
 namespace {
-
-#define BW_CHECK(expr)                                                                                         \
-    do {                                                                                                       \
-        cudaError_t err_ = (expr);                                                                             \
-        if (err_ != cudaSuccess) fail(DS4_E_BACKEND, "CUDA error in %s: %s", #expr, cudaGetErrorString(err_)); \
-    } while (0)
 
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;
@@ -90,9 +85,9 @@ void cuda_bandwidth_probe(uint64_t bytes, int iters, double *read_gbs, double *c
     cudaError_t e = cudaGetDeviceCount(&n_dev);
     if (e != cudaSuccess || n_dev == 0)
         fail(DS4_E_BACKEND, "no CUDA device (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
-    BW_CHECK(cudaGetDevice(&dev));
+    DS4_CUDA_CHECK(cudaGetDevice(&dev));
     size_t free_b = 0, total_b = 0;
-    BW_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    DS4_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
 
     if (bytes == 0) bytes = kDefaultBytes;
     const uint64_t avail = free_b > kReserveBytes ? free_b - kReserveBytes : 0;
@@ -104,17 +99,17 @@ void cuda_bandwidth_probe(uint64_t bytes, int iters, double *read_gbs, double *c
     if (iters <= 0) iters = kDefaultIters;
 
     Resources r;
-    BW_CHECK(cudaMalloc(&r.buf, bytes));
-    BW_CHECK(cudaMalloc(reinterpret_cast<void **>(&r.sink), sizeof(unsigned)));
-    BW_CHECK(cudaMemset(r.buf, 0x5a, bytes));  // touch every page before timing
-    BW_CHECK(cudaMemset(r.sink, 0, sizeof(unsigned)));
-    BW_CHECK(cudaEventCreate(&r.start));
-    BW_CHECK(cudaEventCreate(&r.stop));
+    DS4_CUDA_CHECK(cudaMalloc(&r.buf, bytes));
+    DS4_CUDA_CHECK(cudaMalloc(reinterpret_cast<void **>(&r.sink), sizeof(unsigned)));
+    DS4_CUDA_CHECK(cudaMemset(r.buf, 0x5a, bytes));  // touch every page before timing
+    DS4_CUDA_CHECK(cudaMemset(r.sink, 0, sizeof(unsigned)));
+    DS4_CUDA_CHECK(cudaEventCreate(&r.start));
+    DS4_CUDA_CHECK(cudaEventCreate(&r.stop));
 
     int n_sm = 0, per_sm_read = 0, per_sm_copy = 0;
-    BW_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev));
-    BW_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_read, read_kernel, kThreads, 0));
-    BW_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_copy, copy_kernel, kThreads, 0));
+    DS4_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev));
+    DS4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_read, read_kernel, kThreads, 0));
+    DS4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm_copy, copy_kernel, kThreads, 0));
     const int grid_read = n_sm * std::max(1, per_sm_read);
     const int grid_copy = n_sm * std::max(1, per_sm_copy);
 
@@ -126,19 +121,19 @@ void cuda_bandwidth_probe(uint64_t bytes, int iters, double *read_gbs, double *c
     std::vector<double> rd, cp;
     for (int it = -2; it < iters; ++it) {  // two warm-up runs
         float ms_r = 0.f, ms_c = 0.f;
-        BW_CHECK(cudaEventRecord(r.start));
+        DS4_CUDA_CHECK(cudaEventRecord(r.start));
         read_kernel<<<grid_read, kThreads>>>(src, n_all, r.sink);
-        BW_CHECK(cudaGetLastError());
-        BW_CHECK(cudaEventRecord(r.stop));
-        BW_CHECK(cudaEventSynchronize(r.stop));
-        BW_CHECK(cudaEventElapsedTime(&ms_r, r.start, r.stop));
+        DS4_CUDA_CHECK(cudaGetLastError());
+        DS4_CUDA_CHECK(cudaEventRecord(r.stop));
+        DS4_CUDA_CHECK(cudaEventSynchronize(r.stop));
+        DS4_CUDA_CHECK(cudaEventElapsedTime(&ms_r, r.start, r.stop));
 
-        BW_CHECK(cudaEventRecord(r.start));
+        DS4_CUDA_CHECK(cudaEventRecord(r.start));
         copy_kernel<<<grid_copy, kThreads>>>(src, dst, n_half);
-        BW_CHECK(cudaGetLastError());
-        BW_CHECK(cudaEventRecord(r.stop));
-        BW_CHECK(cudaEventSynchronize(r.stop));
-        BW_CHECK(cudaEventElapsedTime(&ms_c, r.start, r.stop));
+        DS4_CUDA_CHECK(cudaGetLastError());
+        DS4_CUDA_CHECK(cudaEventRecord(r.stop));
+        DS4_CUDA_CHECK(cudaEventSynchronize(r.stop));
+        DS4_CUDA_CHECK(cudaEventElapsedTime(&ms_c, r.start, r.stop));
         if (it >= 0) {
             rd.push_back(static_cast<double>(n_all * sizeof(uint4)) / (ms_r * 1e-3) / 1e9);
             cp.push_back(static_cast<double>(2 * n_half * sizeof(uint4)) / (ms_c * 1e-3) / 1e9);

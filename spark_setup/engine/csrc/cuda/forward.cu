@@ -38,6 +38,7 @@
 #include <thread>
 #include <vector>
 
+#include "check.cuh"
 #include "common.h"
 #include "iq2xxs_grid.h"
 #include "model.h"
@@ -47,12 +48,6 @@
 namespace ds4 {
 
 namespace {
-
-#define FW_CHECK(expr)                                                                                         \
-    do {                                                                                                       \
-        cudaError_t err_ = (expr);                                                                             \
-        if (err_ != cudaSuccess) fail(DS4_E_BACKEND, "CUDA error in %s: %s", #expr, cudaGetErrorString(err_)); \
-    } while (0)
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kMaxHc = 8;           // hyper-connection streams supported by the small HC kernels
@@ -1402,8 +1397,8 @@ namespace {
 template <class T>
 T *upload(const T *src, size_t n) {
     T *d = nullptr;
-    FW_CHECK(cudaMalloc(&d, std::max<size_t>(n, 1) * sizeof(T)));
-    if (n) FW_CHECK(cudaMemcpy(d, src, n * sizeof(T), cudaMemcpyHostToDevice));
+    DS4_CUDA_CHECK(cudaMalloc(&d, std::max<size_t>(n, 1) * sizeof(T)));
+    if (n) DS4_CUDA_CHECK(cudaMemcpy(d, src, n * sizeof(T), cudaMemcpyHostToDevice));
     return d;
 }
 
@@ -1424,16 +1419,16 @@ void staged_upload(uint8_t *dst, const uint8_t *src, uint64_t n, int fd, uint64_
     };
     try {
         for (int i = 0; i < 2; i++) {
-            FW_CHECK(cudaMallocHost(reinterpret_cast<void **>(&stage[i]), chunk));
-            FW_CHECK(cudaEventCreateWithFlags(&done[i], cudaEventDisableTiming));
+            DS4_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void **>(&stage[i]), chunk));
+            DS4_CUDA_CHECK(cudaEventCreateWithFlags(&done[i], cudaEventDisableTiming));
         }
-        FW_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        DS4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
         const int n_thr = std::max(1, std::min(8, (int)std::thread::hardware_concurrency()));
         const long page = sysconf(_SC_PAGESIZE);
         int k = 0;
         for (uint64_t off = 0; off < n; off += chunk, k ^= 1) {
             const size_t len = (size_t)std::min<uint64_t>(chunk, n - off);
-            FW_CHECK(cudaEventSynchronize(done[k]));  // the buffer's previous copy has finished
+            DS4_CUDA_CHECK(cudaEventSynchronize(done[k]));  // the buffer's previous copy has finished
             std::vector<std::thread> thr;
             const size_t part = (len + n_thr - 1) / n_thr;
             for (int t = 0; t < n_thr; t++) {
@@ -1451,15 +1446,15 @@ void staged_upload(uint8_t *dst, const uint8_t *src, uint64_t n, int fd, uint64_
                     });
             }
             for (auto &t : thr) t.join();
-            FW_CHECK(cudaMemcpyAsync(dst + off, stage[k], len, cudaMemcpyHostToDevice, stream));
-            FW_CHECK(cudaEventRecord(done[k], stream));
+            DS4_CUDA_CHECK(cudaMemcpyAsync(dst + off, stage[k], len, cudaMemcpyHostToDevice, stream));
+            DS4_CUDA_CHECK(cudaEventRecord(done[k], stream));
             // the bytes are in the staging buffer: let the kernel drop the file's pages (unified memory would
             // otherwise hold the model twice)
             const uintptr_t lo = ((uintptr_t)(src + off)) & ~(uintptr_t)(page - 1);
             madvise(reinterpret_cast<void *>(lo), (uintptr_t)(src + off + len) - lo, MADV_DONTNEED);
             if (fd >= 0) posix_fadvise(fd, (off_t)(file_off + off), (off_t)len, POSIX_FADV_DONTNEED);
         }
-        FW_CHECK(cudaStreamSynchronize(stream));
+        DS4_CUDA_CHECK(cudaStreamSynchronize(stream));
     } catch (...) {
         cleanup();
         throw;
@@ -1497,8 +1492,8 @@ CudaModelPtr cuda_model_load(const Model &m) {
 
     size_t free_b = 0, total_b = 0;
     int dev = 0, integrated = 0;
-    FW_CHECK(cudaGetDevice(&dev));
-    FW_CHECK(cudaDeviceGetAttribute(&integrated, cudaDevAttrIntegrated, dev));
+    DS4_CUDA_CHECK(cudaGetDevice(&dev));
+    DS4_CUDA_CHECK(cudaDeviceGetAttribute(&integrated, cudaDevAttrIntegrated, dev));
     if (integrated) {
         // unified memory (GB10): cudaMemGetInfo counts the page cache as used; drop this file's cached pages
         // (reclaimable anyway) and count MemAvailable
@@ -1508,7 +1503,7 @@ CudaModelPtr cuda_model_load(const Model &m) {
             ::close(fd0);
         }
     }
-    FW_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    DS4_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     if (integrated) free_b = std::max<uint64_t>(free_b, mem_available_bytes());
     const uint64_t margin = std::min<uint64_t>(1ull << 30, cm->data_bytes / 4 + (64ull << 20));
     const uint64_t need = cm->data_bytes + margin;
@@ -1517,7 +1512,7 @@ CudaModelPtr cuda_model_load(const Model &m) {
              "working room), the GPU has %.2f GiB free of %.2f GiB",
              gib(need), gib(cm->data_bytes), gib(margin), gib(free_b), gib(total_b));
     const auto t0 = std::chrono::steady_clock::now();
-    FW_CHECK(cudaMalloc(&cm->d_data, cm->data_bytes));
+    DS4_CUDA_CHECK(cudaMalloc(&cm->d_data, cm->data_bytes));
     const int fd = env_int("DS4_KEEP_PAGECACHE", 0) ? -1 : ::open(g.path().c_str(), O_RDONLY);
     try {
         staged_upload(cm->d_data, cm->h_data, cm->data_bytes, fd, g.data_offset());
@@ -1614,7 +1609,7 @@ public:
     template <class T>
     T *alloc(size_t n) {
         void *p = nullptr;
-        FW_CHECK(cudaMalloc(&p, std::max<size_t>(n, 4) * sizeof(T)));
+        DS4_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 4) * sizeof(T)));
         allocs.push_back(p);
         bytes += std::max<size_t>(n, 4) * sizeof(T);
         return static_cast<T *>(p);
@@ -1635,14 +1630,14 @@ void CudaSessionDeleter::operator()(CudaSession *s) const { delete s; }
 void CudaSession::init() {
     const Hparams &hp = M->hp;
     const int E = hp.n_embd, hc = hp.hc_mult, D = hp.n_head, hd = hp.head_dim;
-    FW_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    DS4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     use_graphs = env_int("DS4_CUDA_GRAPHS", 1) != 0;
     bmax = std::max(1, std::min(kMaxBatch, env_int("DS4_CUDA_PREFILL_BATCH", kMaxBatch)));
     gemm = env_int("DS4_CUDA_PREFILL_GEMM", 1) != 0;
     ring_rows = hp.window + bmax - 1;
     int dev = 0;
-    FW_CHECK(cudaGetDevice(&dev));
-    FW_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev));
+    DS4_CUDA_CHECK(cudaGetDevice(&dev));
+    DS4_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev));
 
     // ---- overwritten state: one arena, with its initial image (rings 0, compressor values 0, scores -inf) ----
     std::vector<float> init_img;
@@ -1691,15 +1686,15 @@ void CudaSession::init() {
     const uint64_t need = (rows_floats + state_floats * (2 + (uint64_t)n_ckpt) + (uint64_t)bmax * scores_ld) * 4 +
                           (64ull << 20);
     size_t free_b = 0, total_b = 0;
-    FW_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    DS4_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     if (free_b < need)
         fail(DS4_E_NOMEM, "CUDA session of %d positions needs %.2f GiB of GPU memory, %.2f GiB free", max_ctx,
              gib(need), gib(free_b));
 
     state = alloc<float>(state_floats);
     state_init = alloc<float>(state_floats);
-    FW_CHECK(cudaMemcpy(state_init, init_img.data(), state_floats * 4, cudaMemcpyHostToDevice));
-    FW_CHECK(cudaMemcpy(state, init_img.data(), state_floats * 4, cudaMemcpyHostToDevice));
+    DS4_CUDA_CHECK(cudaMemcpy(state_init, init_img.data(), state_floats * 4, cudaMemcpyHostToDevice));
+    DS4_CUDA_CHECK(cudaMemcpy(state, init_img.data(), state_floats * 4, cudaMemcpyHostToDevice));
     for (int k = 0; k < n_ckpt; k++) ckpts.push_back(alloc<float>(state_floats));
     L.resize(hp.n_layer);
     for (int l = 0; l < hp.n_layer; l++) {
@@ -1712,12 +1707,12 @@ void CudaSession::init() {
             d.csc = state + of.csc;
             const size_t n_rows = (size_t)(max_ctx / w.ratio) + 1;
             d.comp = alloc<float>(n_rows * hd);
-            FW_CHECK(cudaMemset(d.comp, 0, n_rows * hd * 4));
+            DS4_CUDA_CHECK(cudaMemset(d.comp, 0, n_rows * hd * 4));
             if (w.csa) {
                 d.ikv = state + of.ikv;
                 d.isc = state + of.isc;
                 d.idx = alloc<float>(n_rows * hp.idx_dim);
-                FW_CHECK(cudaMemset(d.idx, 0, n_rows * hp.idx_dim * 4));
+                DS4_CUDA_CHECK(cudaMemset(d.idx, 0, n_rows * hp.idx_dim * 4));
             }
         }
     }
@@ -1782,24 +1777,24 @@ void CudaSession::init() {
     const size_t attn_smem_max = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
     idx_smem = (size_t)IH * (ID + 1) * 4;
     if (attn_smem_max > 48 * 1024)
-        FW_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)attn_smem_max));
+        DS4_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)attn_smem_max));
     const size_t attn_mh_smem_max = (size_t)(kAttnHeads * ((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
     if (attn_mh_smem_max > 48 * 1024)
-        FW_CHECK(cudaFuncSetAttribute(attention_mh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        DS4_CUDA_CHECK(cudaFuncSetAttribute(attention_mh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       (int)attn_mh_smem_max));
     if (idx_smem > 48 * 1024)
-        FW_CHECK(cudaFuncSetAttribute(idx_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)idx_smem));
+        DS4_CUDA_CHECK(cudaFuncSetAttribute(idx_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)idx_smem));
     const size_t e_smem = (size_t)E * 4;
     if (e_smem > 48 * 1024) {
-        FW_CHECK(cudaFuncSetAttribute(hc_pre_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)e_smem));
-        FW_CHECK(cudaFuncSetAttribute(head_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)e_smem));
+        DS4_CUDA_CHECK(cudaFuncSetAttribute(hc_pre_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)e_smem));
+        DS4_CUDA_CHECK(cudaFuncSetAttribute(head_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)e_smem));
     }
     bytes += (uint64_t)max_ctx * 4;  // the token list on the host
-    FW_CHECK(cudaDeviceSynchronize());
+    DS4_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 void CudaSession::reset_state() {
-    FW_CHECK(cudaMemcpyAsync(state, state_init, state_floats * 4, cudaMemcpyDeviceToDevice, stream));
+    DS4_CUDA_CHECK(cudaMemcpyAsync(state, state_init, state_floats * 4, cudaMemcpyDeviceToDevice, stream));
 }
 
 namespace {
@@ -1883,7 +1878,7 @@ void mmq_launch(int type, const MmqArgs &p, dim3 grid, cudaStream_t s) {
         case DS4_TYPE_IQ2_XXS: mmq_kernel<DS4_TYPE_IQ2_XXS><<<grid, 32 * kQWarps, 0, s>>>(p); break;
         default: fail(DS4_E_BACKEND, "mmq: type %s", type_name(type));
     }
-    FW_CHECK(cudaGetLastError());
+    DS4_CUDA_CHECK(cudaGetLastError());
 }
 }  // namespace
 
@@ -1930,7 +1925,7 @@ void CudaSession::mm(const Tensor &w, const float *X, int64_t x_ld, float *Y, in
         if (w.type == DS4_TYPE_F32) launch(mm_kernel<DS4_TYPE_F32>);
         else if (w.type == DS4_TYPE_F16) launch(mm_kernel<DS4_TYPE_F16>);
         else launch(mm_kernel<DS4_TYPE_Q8_0>);
-        FW_CHECK(cudaGetLastError());
+        DS4_CUDA_CHECK(cudaGetLastError());
         return;
     }
     for (int b = 0; b < nb; b++) {
@@ -1951,7 +1946,7 @@ void CudaSession::routed_grouped(const LayerWeights &w, int nb, float lim) {
     cudaStream_t s = stream;
     const int n_pairs = nb * K;
     route_sort_kernel<<<1, 256, (size_t)(NE + 1 + n_pairs) * 4, s>>>(eids, nb, K, NE, e_off, pair_tok, slot_of);
-    FW_CHECK(cudaGetLastError());
+    DS4_CUDA_CHECK(cudaGetLastError());
     auto experts = [&](const Tensor *W0, const Tensor *W1, const float *X, int64_t x_ld, const int *x_idx, float *Y0,
                        float *Y1, int64_t n_rows, int64_t n_cols) {
         const size_t rb = row_bytes(W0->type, n_cols);
@@ -1994,7 +1989,7 @@ void CudaSession::routed_grouped(const LayerWeights &w, int nb, float lim) {
     swiglu_kernel<<<(n_pairs * F + 255) / 256, 256, 0, s>>>(gts, ups, n_pairs * F, lim, mbs);
     experts(&w.down_exps, nullptr, mbs, F, nullptr, dns, nullptr, E, F);
     moe_sum_post_sorted_kernel<<<dim3((E + 255) / 256, nb), 256, 0, s>>>(dns, slot_of, ewt, K, E, ysh, hcw, H, hc);
-    FW_CHECK(cudaGetLastError());
+    DS4_CUDA_CHECK(cudaGetLastError());
 }
 
 // The launches of one step of nb tokens (facts D steps 0-18; the head is enqueue_head). Everything
@@ -2175,7 +2170,7 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
                                                         hcw + (size_t)t * kHcwLd, H + (size_t)t * HCE, hc);
         }
     }
-    FW_CHECK(cudaGetLastError());
+    DS4_CUDA_CHECK(cudaGetLastError());
 }
 
 // 19. head of token t of the step: collapse the streams, RMS * output_norm, output projection -> logits.
@@ -2189,7 +2184,7 @@ void CudaSession::enqueue_head(int t) {
                                                     C.devf(M->out_hc_base), Ht, C.devf(M->out_norm), E, hc,
                                                     hp.hc_eps, hp.rms_eps, z);
     mv(C, M->output, z, logits, stream);
-    FW_CHECK(cudaGetLastError());
+    DS4_CUDA_CHECK(cudaGetLastError());
 }
 
 // Evaluate toks[0..nb) at positions pos..pos+nb-1 (nb <= bmax; no checkpoint boundary inside). head: logits of
@@ -2197,12 +2192,12 @@ void CudaSession::enqueue_head(int t) {
 void CudaSession::run_step(const int32_t *toks, int nb, bool head, float *logits_out) {
     const Hparams &hp = M->hp;
     if (pos > 0 && pos % ckpt_every == 0 && (size_t)(pos / ckpt_every - 1) < ckpts.size())
-        FW_CHECK(cudaMemcpyAsync(ckpts[pos / ckpt_every - 1], state, state_floats * 4, cudaMemcpyDeviceToDevice,
+        DS4_CUDA_CHECK(cudaMemcpyAsync(ckpts[pos / ckpt_every - 1], state, state_floats * 4, cudaMemcpyDeviceToDevice,
                                  stream));
     Step st[kMaxBatch];
     for (int t = 0; t < nb; t++) st[t] = Step{toks[t], pos + t};
     // pageable source: the runtime stages it before returning, so `st` may go out of scope
-    FW_CHECK(cudaMemcpyAsync(d_steps, st, sizeof(Step) * nb, cudaMemcpyHostToDevice, stream));
+    DS4_CUDA_CHECK(cudaMemcpyAsync(d_steps, st, sizeof(Step) * nb, cudaMemcpyHostToDevice, stream));
     const int last = pos + nb - 1;
     const bool idx_active = hp.csa_ratio > 0 && (last + 1) / hp.csa_ratio > hp.idx_topk;
     int key = -1;  // graph key, or -1: launch directly
@@ -2217,7 +2212,7 @@ void CudaSession::run_step(const int32_t *toks, int nb, bool head, float *logits
     } else {
         if (!graphs[key]) {
             cudaGraph_t graph = nullptr;
-            FW_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+            DS4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
             try {
                 enqueue_step(nb, idx_active);
                 if (nb == 1 && head) enqueue_head(0);
@@ -2226,17 +2221,17 @@ void CudaSession::run_step(const int32_t *toks, int nb, bool head, float *logits
                 if (graph) cudaGraphDestroy(graph);
                 throw;
             }
-            FW_CHECK(cudaStreamEndCapture(stream, &graph));
+            DS4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
             const cudaError_t e = cudaGraphInstantiate(&graphs[key], graph, 0);
             cudaGraphDestroy(graph);
-            FW_CHECK(e);
+            DS4_CUDA_CHECK(e);
         }
-        FW_CHECK(cudaGraphLaunch(graphs[key], stream));
+        DS4_CUDA_CHECK(cudaGraphLaunch(graphs[key], stream));
     }
     if (head && logits_out) {
         for (int t = 0; t < nb; t++) {
             if (nb > 1) enqueue_head(t);
-            FW_CHECK(cudaMemcpyAsync(logits_out + (size_t)t * hp.n_vocab, logits, (size_t)hp.n_vocab * 4,
+            DS4_CUDA_CHECK(cudaMemcpyAsync(logits_out + (size_t)t * hp.n_vocab, logits, (size_t)hp.n_vocab * 4,
                                      cudaMemcpyDeviceToHost, stream));
         }
     }
@@ -2280,8 +2275,8 @@ void cuda_session_eval(CudaSession &s, const int32_t *toks, int n, bool all_logi
             s.run_step(toks + t, nb, head, out);
             t += nb;
         }
-        FW_CHECK(cudaStreamSynchronize(s.stream));
-        FW_CHECK(cudaGetLastError());
+        DS4_CUDA_CHECK(cudaStreamSynchronize(s.stream));
+        DS4_CUDA_CHECK(cudaGetLastError());
     } catch (...) {
         // a CUDA failure leaves the device state undefined; pos/tokens still say what was enqueued
         cudaStreamSynchronize(s.stream);
@@ -2298,14 +2293,14 @@ void cuda_session_truncate(CudaSession &s, int n) {
         s.reset_state();
         s.pos = 0;
     } else {
-        FW_CHECK(cudaMemcpyAsync(s.state, s.ckpts[k - 1], s.state_floats * 4, cudaMemcpyDeviceToDevice, s.stream));
+        DS4_CUDA_CHECK(cudaMemcpyAsync(s.state, s.ckpts[k - 1], s.state_floats * 4, cudaMemcpyDeviceToDevice, s.stream));
         s.pos = k * s.ckpt_every;
     }
     // compressed / indexer rows are append-only: rows past the new position are rewritten before being read
     std::vector<int32_t> redo(s.tokens.begin() + s.pos, s.tokens.begin() + n);
     s.tokens.resize(s.pos);
     if (!redo.empty()) cuda_session_eval(s, redo.data(), (int)redo.size(), false, nullptr);
-    FW_CHECK(cudaStreamSynchronize(s.stream));
+    DS4_CUDA_CHECK(cudaStreamSynchronize(s.stream));
 }
 
 int cuda_session_pos(const CudaSession &s) { return s.pos; }

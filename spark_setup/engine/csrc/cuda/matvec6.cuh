@@ -29,6 +29,7 @@ __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { retur
 
 // Warps per CTA (W, a template parameter): 16 by default (one CTA per SM: 4 warps per scheduler hide the mma and
 // shared-memory latency; 150-210 KB of shared memory); 8 for devices with ~100 KB per block (GB10), "v7".
+
 constexpr int kMaxSlots = 4;         // distinct x vectors one CTA may need (expert down projections)
 int g_diag = 0;                      // cuda_set_matvec_diag: benchmark diagnosis only (wrong results by design)
 
@@ -504,8 +505,8 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     const int slots = (int)std::min<int64_t>(kMaxSlots, slots_for(grid));
     if (slots_for(grid) > kMaxSlots) return false;
     const int smem = L::smem(K, slots);
-    // 150-210 KB per CTA: fits an H100/H200 (227 KB per block); a GB10 (sm_121) allows about 99 KB per block, so
-    // there every call falls back to v2/v4 (a smaller v6 configuration for it is future work: no Spark to tune on)
+    // W = 16: 150-210 KB per CTA, fits an H100/H200 (227 KB per block); a GB10 (sm_121) allows about 99 KB, where
+    // the caller tries W = 8 next and then v2/v4
     static const int smem_max = [] {
         int dev = 0, v = 0;
         if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -524,17 +525,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
         }
         smem_set = smem;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3(32 * W);
-    cfg.dynamicSmemBytes = (size_t)smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    DS4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, rows, (int)total, K, ks, (int)rounds, g_diag));
+    launch_pdl(kernel, (int)grid, 32 * W, (size_t)smem, s, rows, (int)total, K, ks, (int)rounds, g_diag);
     return true;
 }
 

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "check.cuh"
 #include "common.h"
 #include "iq2xxs_grid.h"
 #include "quant.h"
@@ -25,12 +26,6 @@
 namespace ds4 {
 
 namespace {
-
-#define DS4_CUDA_CHECK(expr)                                                                                   \
-    do {                                                                                                       \
-        cudaError_t err_ = (expr);                                                                             \
-        if (err_ != cudaSuccess) fail(DS4_E_BACKEND, "CUDA error in %s: %s", #expr, cudaGetErrorString(err_)); \
-    } while (0)
 
 constexpr int kWarps = 8;  // warps (rows in flight) per block
 
@@ -765,6 +760,23 @@ int grid_for(K kernel, int *per_sm, int threads, int64_t total_rows, int rows_pe
     return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * *per_sm));
 }
 
+// Launch with programmatic dependent launch allowed (PDL): the kernel may start while the previous kernel of the
+// stream drains; it must call pdl_wait() before touching anything that kernel writes.
+template <class... P, class... A>
+void launch_pdl(void (*kernel)(P...), int grid, int block, size_t smem, cudaStream_t s, A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3((unsigned)block);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    DS4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
 #include "matvec6.cuh"
 
 template <int T, class Rows, int VER>
@@ -777,17 +789,7 @@ void launch_v(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
         k<<<grid, 32 * kW2, 0, s>>>(rows, total, nblocks);
         return;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3(32 * kW2);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    DS4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, rows, total, nblocks));
+    launch_pdl(k, grid, 32 * kW2, 0, s, rows, total, nblocks);
 }
 
 template <int T, bool AL, class Rows>

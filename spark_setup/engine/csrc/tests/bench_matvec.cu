@@ -107,69 +107,6 @@ constexpr int kGraphCalls = 20;  // calls captured per graph
 
 constexpr size_t kRotateBytes = (size_t)1536 << 20;  // weights rotated per case: > 20x a 60 MB L2
 
-double copy_gbs(int iters, cudaStream_t s) {
-    const size_t n = (size_t)1 << 30;
-    void *a, *b;
-    CK(cudaMalloc(&a, n));
-    CK(cudaMalloc(&b, n));
-    CK(cudaMemset(a, 1, n));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<float> ms;
-    for (int i = 0; i < iters + 3; i++) {
-        CK(cudaEventRecord(e0, s));
-        CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, s));
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
-        float t;
-        CK(cudaEventElapsedTime(&t, e0, e1));
-        if (i >= 3) ms.push_back(t);
-    }
-    CK(cudaFree(a));
-    CK(cudaFree(b));
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    return 2.0 * (double)n / (median(ms) * 1e-3) / 1e9;
-}
-
-// Streaming read baseline: every thread reads 16-byte chunks (grid-stride), the XOR keeps the loads alive.
-__global__ void read_kernel(const uint4 *p, size_t n, uint32_t *sink) {
-    uint32_t acc = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const uint4 v = __ldg(p + i);
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (acc == 0x12345678u) *sink = acc;
-}
-
-double read_gbs(int iters, cudaStream_t s, int sms) {
-    const size_t n = (size_t)1 << 30;
-    void *a;
-    uint32_t *sink;
-    CK(cudaMalloc(&a, n));
-    CK(cudaMalloc(&sink, 4));
-    CK(cudaMemset(a, 1, n));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    std::vector<float> ms;
-    for (int i = 0; i < iters + 3; i++) {
-        CK(cudaEventRecord(e0, s));
-        read_kernel<<<sms * 8, 256, 0, s>>>(static_cast<const uint4 *>(a), n / 16, sink);
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
-        float t;
-        CK(cudaEventElapsedTime(&t, e0, e1));
-        if (i >= 3) ms.push_back(t);
-    }
-    CK(cudaFree(a));
-    CK(cudaFree(sink));
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    return (double)n / (median(ms) * 1e-3) / 1e9;
-}
-
 // Times `run(i)` (i = iteration, for rotation) with events around each call; returns the median in microseconds.
 template <class F>
 double time_median_us(int iters, cudaStream_t s, F &&run) {
@@ -189,6 +126,43 @@ double time_median_us(int iters, cudaStream_t s, F &&run) {
     cudaEventDestroy(e0);
     cudaEventDestroy(e1);
     return median(ms) * 1e3;
+}
+
+double copy_gbs(int iters, cudaStream_t s) {
+    const size_t n = (size_t)1 << 30;
+    void *a, *b;
+    CK(cudaMalloc(&a, n));
+    CK(cudaMalloc(&b, n));
+    CK(cudaMemset(a, 1, n));
+    const double us = time_median_us(iters, s, [&](int) { CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, s)); });
+    CK(cudaFree(a));
+    CK(cudaFree(b));
+    return 2.0 * (double)n / (us * 1e-6) / 1e9;
+}
+
+// Streaming read baseline: every thread reads 16-byte chunks (grid-stride), the XOR keeps the loads alive.
+__global__ void read_kernel(const uint4 *p, size_t n, uint32_t *sink) {
+    uint32_t acc = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = __ldg(p + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678u) *sink = acc;
+}
+
+double read_gbs(int iters, cudaStream_t s, int sms) {
+    const size_t n = (size_t)1 << 30;
+    void *a;
+    uint32_t *sink;
+    CK(cudaMalloc(&a, n));
+    CK(cudaMalloc(&sink, 4));
+    CK(cudaMemset(a, 1, n));
+    const double us = time_median_us(iters, s, [&](int) {
+        read_kernel<<<sms * 8, 256, 0, s>>>(static_cast<const uint4 *>(a), n / 16, sink);
+    });
+    CK(cudaFree(a));
+    CK(cudaFree(sink));
+    return (double)n / (us * 1e-6) / 1e9;
 }
 
 // Times calls back to back as a decode step issues them: kGraphCalls calls run(0..kGraphCalls-1) captured into one
