@@ -72,6 +72,12 @@ struct ExpertMatvec {
     int n_ids = 0;
     const float *x = nullptr;
     int64_t x_stride = 0;  // floats
+    // The caller's promise that d_ids was complete before the previous launch on the stream began (written by an
+    // earlier kernel with a plain, fully ordered launch in between, or by the host): the launch may then read the
+    // ids and start streaming the weights before waiting for that previous kernel (v6; x is still read after the
+    // wait). The forward pass sets it for the down projections: the router ran before gate+up, and the SwiGLU
+    // kernel between gate+up and down is a plain launch.
+    bool ids_settled = false;
 };
 void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
 // Kernel version used by cuda_matvec / cuda_matvec_experts for quant types: 0 = per type (v6, the tensor-core
@@ -80,7 +86,8 @@ void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
 // types a version does not take fall back to v2). Not thread-safe.
 void cuda_set_matvec_version(int v);
 // Benchmark diagnosis of v6 only (results are wrong on purpose): 1 = skip the decode, 2 = skip the weight loads,
-// 3 = both, 0 = normal. bench_matvec sets it from DS4_V6_DIAG. Not thread-safe.
+// 3 = both, 0 = normal. bench_matvec sets it from DS4_V6_DIAG. Not thread-safe. (The environment variable
+// DS4_V6_KS = 1, 2, 4, 8 or 16, read once, forces v6's column split instead of its own choice: diagnosis too.)
 void cuda_set_matvec_diag(int d);
 // Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,
 // copies y back, synchronizes. Throws ds4::Error(DS4_E_BACKEND) on a CUDA error or when no device is present.

@@ -2163,6 +2163,7 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
                 p.n_ids = K;
                 p.x = mb;
                 p.x_stride = F;
+                p.ids_settled = true;  // the router ran before gate+up; swiglu_kernel above is a plain launch
                 cuda_matvec_experts(w.down_exps.type, p, s);
             }
             if (one) mv(C, w.down_sh, mb + (size_t)K * F, ysh, s);

@@ -13,7 +13,7 @@
 //  - Weights are A: Q8_0 quants as they are; Q2_K quants times their 4-bit scale (<= 45, one IMUL per 4 weights);
 //    IQ2_XXS grid values with their signs (one PRMT per 4 weights: a selector of 2-bit grid codes plus sign bits
 //    picks bytes from {8, 25, 43, -8, -25, -43}; codes and signs come from lookup tables replicated once per lane,
-//    so the random lookups never conflict on a shared-memory bank).
+//    so the random lookups never conflict on a shared-memory bank; 16 copies in the 8-warp configuration).
 //  - Integer sums are exact; the per-block float scales (f16 d, the IQ2 sub-block scale, the x group scale) are
 //    applied once per 32 (Q8_0) or 256 (Q2_K, IQ2_XXS) columns.
 // Mapping: a warp owns a tile of 16 consecutive rows; lane = 4 g + c holds rows g and g + 8 and, in every
@@ -28,7 +28,9 @@ namespace v6 {
 __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Warps per CTA (W, a template parameter): 16 by default (one CTA per SM: 4 warps per scheduler hide the mma and
-// shared-memory latency; 150-210 KB of shared memory); 8 for devices with ~100 KB per block (GB10), "v7".
+// shared-memory latency; 150-210 KB of shared memory); 8 for devices with ~100 KB per block (GB10), "v7": there
+// Q8_0 up to 4096 columns takes ~88 KB, the Q2_K down projections ~86 KB and IQ2_XXS ~80 KB (half-size chunks and
+// tables, M6<IQ2_XXS, 8>).
 
 constexpr int kMaxSlots = 4;         // distinct x vectors one CTA may need (expert down projections)
 int g_diag = 0;                      // cuda_set_matvec_diag: benchmark diagnosis only (wrong results by design)
@@ -60,11 +62,11 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 // chunk; dg: this lane's digit plane at the chunk's first column + 8c; xs / sx: x group scales / 16-column sums at
 // the chunk's first column; facc: per row, the digit-weighted sums (scaled by lane at the end); macc: per row, a
 // term subtracted as is (Q2_K mins).
-template <int T>
+template <int T, int W>
 struct M6;
 
-template <>
-struct M6<DS4_TYPE_Q8_0> {
+template <int W>
+struct M6<DS4_TYPE_Q8_0, W> {
     // (run 17 tried 128-column chunks with MINB = 2, so that the next launch's CTA fits beside this one under PDL:
     // the 35.7 MB matrices fell from ~70% to ~45% of copy, the output head from 85% to 77%)
     static constexpr int CHUNK = 256, BLK = 32, DB = 272, SR = 272, NS = 2, XG = 32, MINB = 1;
@@ -99,8 +101,8 @@ struct M6<DS4_TYPE_Q8_0> {
     }
 };
 
-template <>
-struct M6<DS4_TYPE_Q2_K> {
+template <int W>
+struct M6<DS4_TYPE_Q2_K, W> {
     static constexpr int CHUNK = 512, BLK = 256, DB = 168, SR = 176, NS = 3, XG = 256, MINB = 1;
     static constexpr bool SX = true, LUT = false;
     __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
@@ -156,39 +158,61 @@ struct M6<DS4_TYPE_Q2_K> {
 };
 
 // IQ2_XXS selector tables: grid codes (nibble k = code of byte k: 0x08 -> 0, 0x19 -> 1, 0x2b -> 2) and signs
-// (nibble k bit 2 = sign of element k), 32 copies each so that lane l reads copy l (bank l).
+// (nibble k bit 2 = sign of element k), LC copies each (32, or 16 with 8 warps) so that lane l reads copy l mod LC.
 constexpr uint32_t kIq2Pos = 0x002B1908u, kIq2Neg = 0x00D5E7F8u;  // bytes {8,25,43,0} and {-8,-25,-43,0}
 
-template <>
-struct M6<DS4_TYPE_IQ2_XXS> {
-    static constexpr int CHUNK = 1024, BLK = 256, DB = 264, SR = 272, NS = 2, XG = 256, MINB = 1;
+template <int W>
+struct M6<DS4_TYPE_IQ2_XXS, W> {
+    // 16 warps: 1024-column chunks and a table copy per lane (48 KB). 8 warps (a GB10's ~99 KB per block): 512-column
+    // chunks and 16 copies (24 KB; lanes l and l + 16 share one, so a lookup takes ~1.5 wavefronts instead of 1).
+    static constexpr int CHUNK = W >= 16 ? 1024 : 512, BLK = 256, DB = CHUNK / 256 * 66, SR = W >= 16 ? 272 : 144;
+    static constexpr int NS = 2, XG = 256, MINB = 1;
+    static constexpr int LC = W >= 16 ? 32 : 16, ESH = W >= 16 ? 7 : 6;  // table copies; log2 of an entry's bytes
     static constexpr bool SX = false, LUT = true;
+    // One 256-column block of rows g and g + 8. Sub-block s's header (4 grid-index bytes, then a word of 4 x 7 sign
+    // bits and the 4-bit scale) starts 2 bytes into the block plus 8 s: at 2 mod 4 for even blocks (PAR 0), at 0 mod
+    // 4 for odd ones (PAR 1). Table entry i of lane l's copy is at byte 128 i + 4 l: an index goes straight to
+    // bits 7.. of the offset (one IMAD for the grid code; for the signs, one funnel shift that lands lane c's 7 bits
+    // at bits 7..13, and one LOP3 that masks them and ORs in 4 l). PAR 0 reads the two aligned words around the sign
+    // word (lane 3's bits lie wholly in the second one: both of its words are that one, ao = 4, and the funnel
+    // shift becomes a rotation).
     template <int PAR>
-    __device__ static void block(const uint8_t *pg, const uint8_t *pg8, const uint8_t *db, float x, int c, int sh7,
-                                 float (&facc)[2], const uint8_t *lg, const uint8_t *ls) {
+    __device__ static void block(const uint8_t *pg, const uint8_t *pg8, const uint8_t *db, float x, int sh, int ao,
+                                 uint32_t l4, float (&facc)[2], const uint8_t *lut) {
         const uint8_t *p[2] = {pg, pg8};
+        const int c = (int)(l4 >> 2) & 3;
         int ia[4] = {0, 0, 0, 0};  // per row: digit-plane pairs, summed over the 8 sub-blocks with their scales
 #pragma unroll
         for (int s = 0; s < 8; s++) {
-            uint32_t a[4], scl[2];
+            uint32_t a[4];
+            int scl[2];
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 const uint8_t *h = p[r] + 2 + 8 * s;
                 const uint32_t idx = h[c];
-                const uint32_t aux = PAR ? lds32(h + 4) : __funnelshift_r(lds32(h + 2), lds32(h + 6), 16);
-                // table entry i of lane l lives at byte 128 i + 4 l
-                const uint32_t sel = lds32(lg + (idx << 7)) | lds32(ls + (((aux >> sh7) & 127u) << 7));
+                uint32_t f, sc;
+                if (PAR) {
+                    const uint32_t aux = lds32(h + 4);
+                    f = __funnelshift_r(aux, aux, sh);
+                    sc = aux >> 28;
+                } else {
+                    const uint32_t hi = lds32(h + 6);
+                    f = __funnelshift_r(lds32(h + 2 + ao), hi, sh);
+                    sc = (hi >> 12) & 15u;
+                }
+                scl[r] = 2 * (int)sc + 1;
+                const uint32_t sel = lds32(lut + ((idx << ESH) | l4)) |
+                                     lds32(lut + (256 << ESH) + ((f & (127u << ESH)) | l4));
                 a[r] = prmt(kIq2Pos, kIq2Neg, sel);
                 a[2 + r] = prmt(kIq2Pos, kIq2Neg, sel >> 16);
-                scl[r] = (aux >> 27) | 1u;  // 2 * (4-bit scale) + 1
             }
             const uint2 bb = *reinterpret_cast<const uint2 *>(db + 32 * s);
             int d[4] = {0, 0, 0, 0};
             mma_s8(d, a, bb.x, bb.y);
-            ia[0] += (int)scl[0] * d[0];
-            ia[1] += (int)scl[0] * d[1];
-            ia[2] += (int)scl[1] * d[2];
-            ia[3] += (int)scl[1] * d[3];
+            ia[0] += scl[0] * d[0];
+            ia[1] += scl[0] * d[1];
+            ia[2] += scl[1] * d[2];
+            ia[3] += scl[1] * d[3];
         }
         // block scale d * (2 ls + 1) / 8; |ia| <= 8 * 31 * 32 * 43 * 128 < 2^31
         facc[0] = fmaf(ld_h16(pg) * x, fmaf((float)ia[0], 256.0f, (float)ia[1]), facc[0]);
@@ -196,15 +220,15 @@ struct M6<DS4_TYPE_IQ2_XXS> {
     }
     __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
                                  const float *, int c, float (&facc)[2], float (&)[2], const uint32_t *lut) {
-        const int lane = threadIdx.x & 31;
-        const uint8_t *lg = reinterpret_cast<const uint8_t *>(lut + lane), *ls = lg + 256 * 32 * 4;
-        const int sh7 = 7 * c;
+        const uint32_t l4 = 4 * (threadIdx.x & (LC - 1));
+        const uint8_t *lb = reinterpret_cast<const uint8_t *>(lut);
+        const int sh0 = (16 + 7 * c - ESH) & 31, sh1 = (7 * c - ESH) & 31, ao = c == 3 ? 4 : 0;
 #pragma unroll 1
         for (int b = 0; b < nb; b += 2) {  // blocks in pairs: block 2i's headers sit at 2 mod 4, 2i+1's at 0 mod 4
-            block<0>(rg + 66 * b, rg8 + 66 * b, dg + 256 * b, xs[b] * 0.125f, c, sh7, facc, lg, ls);
+            block<0>(rg + 66 * b, rg8 + 66 * b, dg + 256 * b, xs[b] * 0.125f, sh0, ao, l4, facc, lb);
             if (b + 1 < nb)
-                block<1>(rg + 66 * (b + 1), rg8 + 66 * (b + 1), dg + 256 * (b + 1), xs[b + 1] * 0.125f, c, sh7, facc,
-                         lg, ls);
+                block<1>(rg + 66 * (b + 1), rg8 + 66 * (b + 1), dg + 256 * (b + 1), xs[b + 1] * 0.125f, sh1, 0, l4,
+                         facc, lb);
         }
     }
 };
@@ -227,15 +251,15 @@ struct Iq2Lut {
 };
 __constant__ const Iq2Lut c_iq2_lut{};
 
-// 32 copies: lut[32 i + l] = word i. Lane l writes copy l, so a warp reads one constant (a broadcast) and
+// LC copies: lut[LC i + l] = word i. Lane l writes copy l mod LC, so a warp reads one constant (two with 16 copies) and
 // writes 32 consecutive words; unrolled so the constant loads do not wait on each other.
-template <int W>
+template <int W, int LC>
 __device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {
-    static_assert((256 + 128) * 32 % (32 * W) == 0, "LUT build: whole rounds");
+    static_assert((256 + 128) * LC % (32 * W) == 0, "LUT build: whole rounds");
 #pragma unroll
-    for (int k = 0; k < (256 + 128) * 32 / (32 * W); k++) {
+    for (int k = 0; k < (256 + 128) * LC / (32 * W); k++) {
         const int j = (int)threadIdx.x + k * 32 * W;
-        lut[j] = c_iq2_lut.w[j >> 5];
+        lut[j] = c_iq2_lut.w[j / LC];
     }
 }
 
@@ -304,6 +328,10 @@ __device__ __forceinline__ const uint8_t *tile_ptr(const ExpertRows &r, int tile
     const int e = g / (int)r.n_rows, row = g - e * (int)r.n_rows;
     return (m ? r.W1 : r.W0) + (size_t)ids[e] * (size_t)r.stride + (size_t)row * r.rb;
 }
+// May the weight loads start before waiting for the previous kernel? Plain rows: always; expert rows: when the
+// caller promised the ids were settled before that kernel began (ExpertMatvec::ids_settled).
+__device__ __forceinline__ bool early_loads(const PlainRows &) { return true; }
+__device__ __forceinline__ bool early_loads(const ExpertRows &r) { return r.ids_settled; }
 __device__ __forceinline__ int n_ids(const PlainRows &) { return 0; }
 __device__ __forceinline__ int n_ids(const ExpertRows &r) { return (int)(r.per_mat / r.n_rows); }
 __device__ __forceinline__ const int32_t *ids_of(const PlainRows &) { return nullptr; }
@@ -312,10 +340,10 @@ constexpr int kMaxIds = 256;
 
 template <int T, int W>
 struct Layout {
-    using D = M6<T>;
+    using D = M6<T, W>;
     static constexpr int kStage = 16 * D::SR;
     static constexpr int kStages = W * D::NS * kStage;
-    static constexpr int kLut = D::LUT ? (256 + 128) * 32 * 4 : 0;
+    static constexpr int kLut = D::LUT ? (256 + 128) * M6<DS4_TYPE_IQ2_XXS, W>::LC * 4 : 0;
     static constexpr int kRed = 2 * W * 16 * 4;
     // a slot: 4 digit planes of K bytes at a stride of K + 32 (plane p starts 8 banks after plane p - 1, so the
     // 16 addresses of one B-fragment load hit 32 different banks), then the group scales, then the 16-column sums
@@ -327,9 +355,10 @@ struct Layout {
 };
 
 template <int T, class Rows, int W>
-__global__ void __launch_bounds__(32 * W, M6<T>::MINB) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
-    using D = M6<T>;
+__global__ void __launch_bounds__(32 * W, M6<T, W>::MINB) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
+    using D = M6<T, W>;
     using L = Layout<T, W>;
+    constexpr int kLC = M6<DS4_TYPE_IQ2_XXS, W>::LC;  // IQ2_XXS table copies
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int32_t ids[kMaxIds];
     pdl_launch_dependents();
@@ -363,8 +392,10 @@ __global__ void __launch_bounds__(32 * W, M6<T>::MINB) matvec6(Rows rows, int to
                                     reinterpret_cast<float *>(sl8 + L::sx_off(K)));
         }
     };
+    const bool early = early_loads(rows);
     if (!Rows::kConstWeights) {  // expert rows: the weight addresses come from the router's ids
-        pdl_wait();
+        if (D::LUT) build_iq2_lut<W, kLC>(lut);  // needs nothing of the previous kernel: overlaps its tail
+        if (!early) pdl_wait();
         for (int i = threadIdx.x; i < n_ids(rows); i += blockDim.x) ids[i] = ids_of(rows)[i];
         __syncthreads();
     }
@@ -399,8 +430,8 @@ __global__ void __launch_bounds__(32 * W, M6<T>::MINB) matvec6(Rows rows, int to
     // the first weight loads go out first; the table and x conversion overlap their latency
 #pragma unroll
     for (int s = 0; s < D::NS - 1; s++) issue_next();
-    if (D::LUT) build_iq2_lut<W>(lut);
-    if (Rows::kConstWeights) pdl_wait();  // before reading x or writing y
+    if (D::LUT && Rows::kConstWeights) build_iq2_lut<W, kLC>(lut);
+    if (early) pdl_wait();  // before reading x or writing y
     convert_all();
     __syncthreads();
 
@@ -468,7 +499,7 @@ int64_t key_span_rows(const ExpertRows &r) { return r.x_stride ? r.n_rows : INT6
 
 template <int T, int W, class Rows>
 bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
-    using D = M6<T>;
+    using D = M6<T, W>;
     using L = Layout<T, W>;
     if (!tiles_ok(rows, total) || n_cols % D::BLK != 0 || n_cols > (1 << 20) || total >= ((int64_t)1 << 31) / 2)
         return false;
@@ -492,7 +523,11 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
             best_ks = ks;
         }
     }
-    const int ks = best_ks;
+    static const int ks_env = [] {  // DS4_V6_KS: force the column split (benchmark diagnosis; 0 = chosen here)
+        const char *e = std::getenv("DS4_V6_KS");
+        return e ? std::atoi(e) : 0;
+    }();
+    const int ks = ks_env > 0 && ks_env <= W && (ks_env & (ks_env - 1)) == 0 && ks_env <= nch ? ks_env : best_ks;
     const int64_t rounds = (n_tiles + W / ks - 1) / (W / ks);
     int64_t grid = std::min<int64_t>(rounds, (int64_t)sms);
     // distinct x vectors per CTA (expert down projections): at most kMaxSlots
@@ -506,7 +541,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     if (slots_for(grid) > kMaxSlots) return false;
     const int smem = L::smem(K, slots);
     // W = 16: 150-210 KB per CTA, fits an H100/H200 (227 KB per block); a GB10 (sm_121) allows about 99 KB, where
-    // the caller tries W = 8 next and then v2/v4
+    // the caller tries W = 8 next and then v2 (Q8_0 with 8192 columns)
     static const int smem_max = [] {
         int dev = 0, v = 0;
         if (cudaGetDevice(&dev) != cudaSuccess ||

@@ -229,6 +229,7 @@ struct ExpertRows {
     size_t rb;
     const int32_t *ids;
     const float *x;
+    bool ids_settled = false;  // ExpertMatvec::ids_settled
     __device__ const uint8_t *row(int64_t g) const {
         const int m = g >= per_mat;
         const int64_t rem = g - (m ? per_mat : 0);
@@ -959,7 +960,7 @@ void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream) {
     ExpertRows rows{static_cast<const uint8_t *>(p.W[0]),
                     static_cast<const uint8_t *>(p.n_mats == 2 ? p.W[1] : p.W[0]),
                     p.y[0], p.n_mats == 2 ? p.y[1] : p.y[0], p.expert_stride, p.n_rows, per_mat, p.x_stride, rb,
-                    p.ids, p.x};
+                    p.ids, p.x, p.ids_settled};
     if ((uintptr_t)p.x % 16 != 0 || p.x_stride % 4 != 0)
         fail(DS4_E_ARG, "CUDA expert matvec: x and x_stride must be 16-byte aligned");
     bool aligned = rb % 16 == 0 && p.expert_stride % 16 == 0;
