@@ -204,6 +204,56 @@ double time_graph_us(int reps, cudaStream_t s, F &&run) {
     return median(ms) * 1e3 / kGraphCalls;
 }
 
+// The streaming read with programmatic dependent launch, as the v5/v6 kernels launch: it lets the next kernel start
+// at once and, reading nothing a previous kernel writes, never waits.
+__global__ void read_kernel_pdl(const uint4 *p, size_t n, uint32_t *sink) {
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    uint32_t acc = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = __ldg(p + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678u) *sink = acc;
+}
+
+// The ceiling for launches of given sizes: per call, one streaming read of each size in `sizes` (rotated slices, as
+// the cases' weights), kGraphCalls calls back to back in a graph, plain or PDL launches; microseconds per call.
+double read_graph_us(const std::vector<size_t> &sizes, bool pdl, int reps, cudaStream_t s, int sms) {
+    size_t call = 0;
+    for (size_t b : sizes) call += b;
+    const size_t n_calls = kRotateBytes / call;
+    void *a;
+    uint32_t *sink;
+    CK(cudaMalloc(&a, n_calls * call));
+    CK(cudaMalloc(&sink, 4));
+    CK(cudaMemset(a, 1, n_calls * call));
+    const double us = time_graph_us(reps, s, [&](int i) {
+        const uint8_t *p = static_cast<uint8_t *>(a) + (i % n_calls) * call;
+        for (size_t b : sizes) {
+            const uint4 *q = reinterpret_cast<const uint4 *>(p);
+            if (pdl) {
+                cudaLaunchConfig_t cfg = {};
+                cfg.gridDim = dim3(sms * 8);
+                cfg.blockDim = dim3(256);
+                cfg.stream = s;
+                cudaLaunchAttribute at[1];
+                at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+                at[0].val.programmaticStreamSerializationAllowed = 1;
+                cfg.attrs = at;
+                cfg.numAttrs = 1;
+                CK(cudaLaunchKernelEx(&cfg, read_kernel_pdl, q, b / 16, sink));
+            } else {
+                read_kernel<<<sms * 8, 256, 0, s>>>(q, b / 16, sink);
+            }
+            p += b;
+        }
+    });
+    CK(cudaFree(a));
+    CK(cudaFree(sink));
+    return us;
+}
+
+
 // Fills the derived fields of a row.
 Row make_row(std::string name, std::string type, std::string shape, int ver, double bytes, double us, double gus,
              double err, double copy) {
@@ -344,6 +394,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
         dn.n_ids = n_used;
         dn.x = d_act;
         dn.x_stride = ff;
+        dn.ids_settled = true;  // as in the forward pass (the ids predate gate+up); gate+up itself waits for them
         if (parts & 2) ds4::cuda_matvec_experts(down_type, dn, s);
     };
     // CPU reference of set 0 on the same expert slices
@@ -485,6 +536,29 @@ int main(int argc, char **argv) {
                 "synchronize: includes the launch latency). *graph*: %d calls back to back in one CUDA graph (how a "
                 "decode step runs them), median replay / %d. Version 0 = the per-type default.\n\n",
                 copy, read, iters, kGraphCalls, kGraphCalls);
+    // What a launch of these sizes can reach at all: the streaming read over the same bytes, back to back in a graph
+    std::printf("Ceilings: the streaming read kernel over the same bytes as a case (contiguous slices), %d calls back "
+                "to back in a graph, plain launches and PDL launches:\n\n| bytes per call | launches | plain us | "
+                "plain %% of copy | PDL us | PDL %% of copy |\n|---|---:|---:|---:|---:|---:|\n", kGraphCalls);
+    const struct {
+        const char *name;
+        std::vector<size_t> sizes;
+    } ceil_cases[] = {
+        {"35.7 MB (attn_q_b, attn_output_a/b)", {(size_t)32768 * 1088}},
+        {"26.0 MB (routed Q2 gate+up)", {(size_t)6 * 2 * 2048 * 1056}},
+        {"16.5 MB (routed Q2 down)", {(size_t)6 * 4096 * 672}},
+        {"42.5 MB (routed Q2 set: gate+up, then down)", {(size_t)6 * 2 * 2048 * 1056, (size_t)6 * 4096 * 672}},
+    };
+    for (const auto &cc : ceil_cases) {
+        double b = 0;
+        for (size_t x : cc.sizes) b += (double)x;
+        const int reps = std::max(10, iters / kGraphCalls);
+        const double up = read_graph_us(cc.sizes, false, reps, s, prop.multiProcessorCount);
+        const double uq = read_graph_us(cc.sizes, true, reps, s, prop.multiProcessorCount);
+        std::printf("| %s | %zu | %.1f | %.0f%% | %.1f | %.0f%% |\n", cc.name, cc.sizes.size(), up,
+                    100.0 * b / (up * 1e-6) / 1e9 / copy, uq, 100.0 * b / (uq * 1e-6) / 1e9 / copy);
+    }
+    std::printf("\n");
     std::printf("| case | ver | type | shape (rows x cols) | MB read | single us | single GB/s | single %% of copy | "
                 "graph us | graph GB/s | graph %% of copy | max rel diff vs CPU |\n");
     std::printf("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
