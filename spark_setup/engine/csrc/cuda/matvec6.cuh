@@ -68,7 +68,8 @@ struct M6;
 template <int W>
 struct M6<DS4_TYPE_Q8_0, W> {
     // (run 17 tried 128-column chunks with MINB = 2, so that the next launch's CTA fits beside this one under PDL:
-    // the 35.7 MB matrices fell from ~70% to ~45% of copy, the output head from 85% to 77%)
+    // the 35.7 MB matrices fell from ~70% to ~45% of copy, the output head from 85% to 77%; run 26 tried 8-row tiles,
+    // two blocks per mma in B columns 0-3 / 4-7, 78-107 KB per CTA: attn_q_b 69%, attn_output_a/b 45% / 43%)
     static constexpr int CHUNK = 256, BLK = 32, DB = 272, SR = 272, NS = 2, XG = 32, MINB = 1;
     static constexpr bool SX = false, LUT = false;
     __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
