@@ -85,8 +85,8 @@ void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
 // Q4_K), 1..7 forces one (1 = warp per row, the benchmark's baseline; 7 = v6's 8-warp configuration; shapes or
 // types a version does not take fall back to v2). Not thread-safe.
 void cuda_set_matvec_version(int v);
-// Benchmark diagnosis of v6 only (results are wrong on purpose): 1 = skip the decode, 2 = skip the weight loads,
-// 3 = both, 0 = normal. bench_matvec sets it from DS4_V6_DIAG. Not thread-safe. (The environment variable
+// Benchmark diagnosis of v6 only (results are wrong on purpose), bits: 1 = skip the decode, 2 = skip the weight
+// loads, 4 = expert ids 0, 1, 2, ... instead of reading them, 8 = skip the x conversion; 0 = normal. bench_matvec sets it from DS4_V6_DIAG. Not thread-safe. (The environment variable
 // DS4_V6_KS = 1, 2, 4, 8 or 16, read once, forces v6's column split instead of its own choice: diagnosis too.)
 void cuda_set_matvec_diag(int d);
 // Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,

@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(32 * W, M6<T, W>::MINB) matvec6(Rows rows, int
         const int t0 = R0 * tpr, t1 = min(R1 * tpr, n_tiles) - 1;
         kfirst = x_key(rows, t0 * 16);
         const int klast = x_key(rows, t1 * 16);
-        for (int k = kfirst; k <= klast && k - kfirst < kMaxSlots; k++) {
+        for (int k = kfirst; k <= klast && k - kfirst < kMaxSlots && !(diag & 8); k++) {
             uint8_t *sl8 = xslots + (k - kfirst) * sb;
             convert_x<D::XG, D::SX, W>(x_of(rows, k), K, L::plane(K), sl8, reinterpret_cast<float *>(sl8 + L::xs_off(K)),
                                     reinterpret_cast<float *>(sl8 + L::sx_off(K)));
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(32 * W, M6<T, W>::MINB) matvec6(Rows rows, int
     if (!Rows::kConstWeights) {  // expert rows: the weight addresses come from the router's ids
         if (D::LUT) build_iq2_lut<W, kLC>(lut);  // needs nothing of the previous kernel: overlaps its tail
         if (!early) pdl_wait();
-        for (int i = threadIdx.x; i < n_ids(rows); i += blockDim.x) ids[i] = ids_of(rows)[i];
+        for (int i = threadIdx.x; i < n_ids(rows); i += blockDim.x) ids[i] = (diag & 4) ? i : ids_of(rows)[i];
         __syncthreads();
     }
 
@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(32 * W, M6<T, W>::MINB) matvec6(Rows rows, int
     for (int s = 0; s < D::NS - 1; s++) issue_next();
     if (D::LUT && Rows::kConstWeights) build_iq2_lut<W, kLC>(lut);
     if (early) pdl_wait();  // before reading x or writing y
-    convert_all();
+    if (!(diag & 8)) convert_all();
     __syncthreads();
 
     const float lam = c == 0 ? 65536.0f : c == 1 ? 1.0f : 0.0f;  // columns 0,1 = planes 0,1; 2,3 = planes 2,3
