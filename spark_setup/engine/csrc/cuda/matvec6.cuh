@@ -41,12 +41,12 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ void named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void named_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 __device__ __forceinline__ uint32_t lds32(const uint8_t *p) { return *reinterpret_cast<const uint32_t *>(p); }
 // PTX prmt in its default mode: selector bit 3 (sign replicate) is never set here, so unlike __byte_perm the
@@ -345,14 +345,16 @@ struct Layout {
     static constexpr int kStage = 16 * D::SR;
     static constexpr int kStages = W * D::NS * kStage;
     static constexpr int kLut = D::LUT ? (256 + 128) * M6<DS4_TYPE_IQ2_XXS, W>::LC * 4 : 0;
-    static constexpr int kRed = 2 * W * 16 * 4;
+    // column split (ks > 1): every round of a CTA has its own partial rows (W x 16 floats) and one arrival counter per
+    // tile group, so that no warp waits for the others: the last to arrive adds them up
+    __host__ __device__ static int red_bytes(int ks, int umax) { return ks > 1 ? umax * (W * 16 * 4 + W / ks * 4) : 0; }
     // a slot: 4 digit planes of K bytes at a stride of K + 32 (plane p starts 8 banks after plane p - 1, so the
     // 16 addresses of one B-fragment load hit 32 different banks), then the group scales, then the 16-column sums
     __host__ __device__ static int plane(int K) { return K + 32; }
     __host__ __device__ static int xs_off(int K) { return 4 * plane(K); }
     __host__ __device__ static int sx_off(int K) { return xs_off(K) + (4 * (K / D::XG) + 15) / 16 * 16; }
     __host__ __device__ static int slot_bytes(int K) { return sx_off(K) + (D::SX ? 4 * (K / 16) : 0); }
-    __host__ __device__ static int smem(int K, int slots) { return kStages + kLut + kRed + slots * slot_bytes(K); }
+    __host__ __device__ static int smem(int K, int slots, int red) { return kStages + kLut + (red + 15) / 16 * 16 + slots * slot_bytes(K); }
 };
 
 template <int T, class Rows, int W>
@@ -374,8 +376,10 @@ __global__ void __launch_bounds__(32 * W, M6<T, W>::MINB) matvec6(Rows rows, int
 
     uint8_t *stage = smem + warp * D::NS * L::kStage;
     uint32_t *lut = reinterpret_cast<uint32_t *>(smem + L::kStages);
+    const int umax = (rounds + (int)gridDim.x - 1) / (int)gridDim.x;  // rounds of the busiest CTA
     float *red = reinterpret_cast<float *>(smem + L::kStages + L::kLut);
-    uint8_t *xslots = smem + L::kStages + L::kLut + L::kRed;
+    int *arrived = reinterpret_cast<int *>(red + (ks > 1 ? umax * W * 16 : 0));  // [umax][W / ks]
+    uint8_t *xslots = smem + L::kStages + L::kLut + (L::red_bytes(ks, umax) + 15) / 16 * 16;
     const int sb = L::slot_bytes(K);
 
     const int U = R1 - R0;
@@ -433,7 +437,9 @@ __global__ void __launch_bounds__(32 * W, M6<T, W>::MINB) matvec6(Rows rows, int
     for (int s = 0; s < D::NS - 1; s++) issue_next();
     if (D::LUT && Rows::kConstWeights) build_iq2_lut<W, kLC>(lut);
     if (early) pdl_wait();  // before reading x or writing y
-    if (!(diag & 8)) convert_all();
+    if (ks > 1)
+        for (int i = threadIdx.x; i < umax * (W / ks); i += blockDim.x) arrived[i] = 0;
+    convert_all();
     __syncthreads();
 
     const float lam = c == 0 ? 65536.0f : c == 1 ? 1.0f : 0.0f;  // columns 0,1 = planes 0,1; 2,3 = planes 2,3
@@ -470,17 +476,40 @@ __global__ void __launch_bounds__(32 * W, M6<T, W>::MINB) matvec6(Rows rows, int
                     if (tile * 16 + g < total_rows) *rows.out(tile * 16 + g) = v0;
                     if (tile * 16 + g + 8 < total_rows) *rows.out(tile * 16 + g + 8) = v1;
                 }
-            } else {
-                float *rbuf = red + (u & 1) * W * 16;
+            } else if (umax == 1) {  // one round: the group meets at a named barrier, its first warp adds up
+                float *rg = red + grp * ks * 16;
                 if (c == 0) {
-                    rbuf[warp * 16 + g] = v0;
-                    rbuf[warp * 16 + g + 8] = v1;
+                    rg[sl * 16 + g] = v0;
+                    rg[sl * 16 + g + 8] = v1;
                 }
                 named_sync(1 + grp, 32 * ks);
                 if (sl == 0 && lane < 16) {
                     float v = 0.0f;
-                    for (int s2 = 0; s2 < ks; s2++) v += rbuf[(grp * ks + s2) * 16 + lane];
+                    for (int s2 = 0; s2 < ks; s2++) v += rg[s2 * 16 + lane];
                     if (tile * 16 + lane < total_rows) *rows.out(tile * 16 + lane) = v;
+                }
+            } else {
+                // several rounds: this warp's partial rows, then its arrival; the last of the group's ks warps adds
+                // them up, and no warp waits for the others before its next round (run 28: a barrier per round cost
+                // ~0.5 us; run 29: the expert launches gain, single-round launches do better with the barrier)
+                float *rg = red + (u * (W / ks) + grp) * ks * 16;
+                if (c == 0) {
+                    rg[sl * 16 + g] = v0;
+                    rg[sl * 16 + g + 8] = v1;
+                }
+                __syncwarp();
+                int last = 0;
+                if (lane == 0) {
+                    __threadfence_block();
+                    last = atomicAdd(&arrived[u * (W / ks) + grp], 1) == ks - 1;
+                }
+                if (__shfl_sync(0xffffffffu, last, 0)) {
+                    __threadfence_block();
+                    if (lane < 16) {
+                        float v = 0.0f;
+                        for (int s2 = 0; s2 < ks; s2++) v += rg[s2 * 16 + lane];
+                        if (tile * 16 + lane < total_rows) *rows.out(tile * 16 + lane) = v;
+                    }
                 }
             }
         }
@@ -540,7 +569,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     while (slots_for(grid) > kMaxSlots && grid < rounds) grid = std::min<int64_t>(rounds, grid * 2);
     const int slots = (int)std::min<int64_t>(kMaxSlots, slots_for(grid));
     if (slots_for(grid) > kMaxSlots) return false;
-    const int smem = L::smem(K, slots);
+    const int smem = L::smem(K, slots, L::red_bytes(ks, (int)((rounds + grid - 1) / grid)));
     // W = 16: 150-210 KB per CTA, fits an H100/H200 (227 KB per block); a GB10 (sm_121) allows about 99 KB, where
     // the caller tries W = 8 next and then v2 (Q8_0 with 8192 columns)
     static const int smem_max = [] {
