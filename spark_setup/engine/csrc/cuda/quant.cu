@@ -761,23 +761,6 @@ int grid_for(K kernel, int *per_sm, int threads, int64_t total_rows, int rows_pe
     return (int)std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * *per_sm));
 }
 
-// Launch with programmatic dependent launch allowed (PDL): the kernel may start while the previous kernel of the
-// stream drains; it must call pdl_wait() before touching anything that kernel writes.
-template <class... P, class... A>
-void launch_pdl(void (*kernel)(P...), int grid, int block, size_t smem, cudaStream_t s, A... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)grid);
-    cfg.blockDim = dim3((unsigned)block);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    DS4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
-}
-
 #include "matvec6.cuh"
 
 template <int T, class Rows, int VER>

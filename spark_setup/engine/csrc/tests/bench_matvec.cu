@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda/check.cuh"
 #include "ds4.h"
 #include "quant.h"
 
@@ -232,16 +233,7 @@ double read_graph_us(const std::vector<size_t> &sizes, bool pdl, int reps, cudaS
         for (size_t b : sizes) {
             const uint4 *q = reinterpret_cast<const uint4 *>(p);
             if (pdl) {
-                cudaLaunchConfig_t cfg = {};
-                cfg.gridDim = dim3(sms * 8);
-                cfg.blockDim = dim3(256);
-                cfg.stream = s;
-                cudaLaunchAttribute at[1];
-                at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-                at[0].val.programmaticStreamSerializationAllowed = 1;
-                cfg.attrs = at;
-                cfg.numAttrs = 1;
-                CK(cudaLaunchKernelEx(&cfg, read_kernel_pdl, q, b / 16, sink));
+                ds4::launch_pdl(read_kernel_pdl, sms * 8, 256, 0, s, q, b / 16, sink);
             } else {
                 read_kernel<<<sms * 8, 256, 0, s>>>(q, b / 16, sink);
             }
@@ -549,7 +541,7 @@ int main(int argc, char **argv) {
         {"16.5 MB (routed Q2 down)", {(size_t)6 * 4096 * 672}},
         {"42.5 MB (routed Q2 set: gate+up, then down)", {(size_t)6 * 2 * 2048 * 1056, (size_t)6 * 4096 * 672}},
     };
-    for (const auto &cc : ceil_cases) {
+    for (const auto &cc : ceil_cases) try {
         double b = 0;
         for (size_t x : cc.sizes) b += (double)x;
         const int reps = std::max(10, iters / kGraphCalls);
@@ -557,6 +549,9 @@ int main(int argc, char **argv) {
         const double uq = read_graph_us(cc.sizes, true, reps, s, prop.multiProcessorCount);
         std::printf("| %s | %zu | %.1f | %.0f%% | %.1f | %.0f%% |\n", cc.name, cc.sizes.size(), up,
                     100.0 * b / (up * 1e-6) / 1e9 / copy, uq, 100.0 * b / (uq * 1e-6) / 1e9 / copy);
+    } catch (const ds4::Error &e) {  // a failed PDL launch (ds4::launch_pdl throws)
+        std::fprintf(stderr, "engine error: %s\n", e.what());
+        return 1;
     }
     std::printf("\n");
     std::printf("| case | ver | type | shape (rows x cols) | MB read | single us | single GB/s | single %% of copy | "
