@@ -49,7 +49,7 @@ main() {
 
     echo "== kernel check (CUDA vs CPU vs gguf reference): default kernels, then every version forced"
     local v
-    for v in 0 6 7; do
+    for v in 0 6 7 9; do
         echo "-- DS4_MATVEC_VERSION=$v"
         if ! DS4_MATVEC_VERSION=$v timeout 300 python3 tools/gpu_check.py --lib "$bd/libds4engine.so" 2>&1 |
                 tee -a "$out/kernel_check.txt"; then

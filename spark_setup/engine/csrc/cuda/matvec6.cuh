@@ -30,7 +30,8 @@ __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { retur
 // Warps per CTA (W, a template parameter): 16 by default (one CTA per SM: 4 warps per scheduler hide the mma and
 // shared-memory latency; 150-210 KB of shared memory); 8 for devices with ~100 KB per block (GB10), "v7": there
 // Q8_0 up to 4096 columns takes ~88 KB, the Q2_K down projections ~86 KB and IQ2_XXS ~80 KB (half-size chunks and
-// tables, M6<IQ2_XXS, 8>).
+// tables, M6<IQ2_XXS, 8>); 4 ("v9", plain Q8_0 only, 35-70 KB): 3-5 CTAs per SM, so that in a chain of launches the
+// next one's CTAs take over an SM a CTA at a time instead of all at once (attn_q_b 11.9 -> 11.1 us, runs 34-38).
 
 constexpr int kMaxSlots = 4;         // distinct x vectors one CTA may need (expert down projections)
 int g_diag = 0;                      // cuda_set_matvec_diag: benchmark diagnosis only (wrong results by design)
@@ -358,7 +359,7 @@ struct Layout {
 };
 
 template <int T, class Rows, int W>
-__global__ void __launch_bounds__(32 * W, M6<T, W>::MINB) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
+__global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
     using D = M6<T, W>;
     using L = Layout<T, W>;
     constexpr int kLC = M6<DS4_TYPE_IQ2_XXS, W>::LC;  // IQ2_XXS table copies
@@ -539,8 +540,21 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     const int64_t span = key_span_rows(rows);
     auto kernel = matvec6<T, Rows, W>;
 
+    // CTAs per SM: as many as the shared memory holds (16 warps: one; 8 warps: two on an H200, one on a GB10; 4 warps,
+    // v9: 3-5). Where several fit, the next launch's CTAs start in the free slots as this one's finish.
+    static const int smem_sm = [] {
+        int dev = 0, v = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return 0;
+        }
+        return v;
+    }();
+    const int est = L::smem(K, span == INT64_MAX ? 1 : kMaxSlots, L::red_bytes(W, 1)) + (int)sizeof(int32_t) * kMaxIds + 1024;
+    const int per_sm = std::max(1, std::min(smem_sm / est, 64 / W));
     // column split: the smallest ks whose rounds fill the GPU evenly enough
-    const int sms = sm_count();
+    const int sms = sm_count() * per_sm;
     int best_ks = 1;
     double best_eff = -1;
     for (int ks = 1; ks <= W && ks <= nch; ks *= 2) {
@@ -558,6 +572,9 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
         return e ? std::atoi(e) : 0;
     }();
     const int ks = ks_env > 0 && ks_env <= W && (ks_env & (ks_env - 1)) == 0 && ks_env <= nch ? ks_env : best_ks;
+    // v9 takes only shapes without a column split: with one, each of its small CTAs converts all of x (run 34:
+    // attn_output_a 63%, attn_output_b 45% of copy against v6's 67 / 64%)
+    if (W <= 4 && ks > 1) return false;
     const int64_t rounds = (n_tiles + W / ks - 1) / (W / ks);
     int64_t grid = std::min<int64_t>(rounds, (int64_t)sms);
     // distinct x vectors per CTA (expert down projections): at most kMaxSlots

@@ -659,7 +659,7 @@ __global__ void __launch_bounds__(32 * kW2) matvec_v2(Rows rows, int64_t total_r
     cp_async_wait0();
 }
 
-// Kernel version: cuda_set_matvec_version(v), v = 1..7, forces one version for every quant type; 0 (the default;
+// Kernel version: cuda_set_matvec_version(v), v = 1..7 or 9, forces one version for every quant type; 0 (the default;
 // the environment variable DS4_MATVEC_VERSION=N overrides it at the first launch) picks per type (auto_version).
 int g_matvec_version = -1;  // -1 = not read from the environment yet
 
@@ -674,7 +674,7 @@ int matvec_version_for(int type) {
     if (g_matvec_version < 0) {
         const char *e = std::getenv("DS4_MATVEC_VERSION");
         const int v = e ? std::atoi(e) : 0;
-        g_matvec_version = v >= 0 && v <= 7 ? v : 0;
+        g_matvec_version = v >= 0 && v <= 9 && v != 8 ? v : 0;
     }
     return g_matvec_version > 0 ? g_matvec_version : auto_version(type);
 }
@@ -782,9 +782,17 @@ void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     if constexpr (T == DS4_TYPE_Q8_0 || T == DS4_TYPE_Q2_K || T == DS4_TYPE_IQ2_XXS) {
         // v6: 16 warps per CTA where the shared memory allows (H100/H200), else the 8-warp configuration (v7: a
         // GB10 has ~99 KB per block); v7 forces the small one (to test it on a big GPU)
-        if (AL && ver == 6 && (v6::launch<T, 16>(rows, total, n_cols, s) || v6::launch<T, 8>(rows, total, n_cols, s)))
+        // v9: 4 warps, several CTAs per SM, plain Q8_0 matrices that need no column split (attn_q_b, the output
+        // head: runs 34-38, attn_q_b 76-77% of copy against v6's 70-71%, the output head within the run-to-run
+        // spread of v6's); v6 takes what it declines
+        auto v9 = [&] {
+            if constexpr (T == DS4_TYPE_Q8_0 && Rows::kConstWeights) return v6::launch<T, 4>(rows, total, n_cols, s);
+            return false;
+        };
+        if (AL && ver == 6 && (v9() || v6::launch<T, 16>(rows, total, n_cols, s) || v6::launch<T, 8>(rows, total, n_cols, s)))
             return;
         if (AL && ver == 7 && v6::launch<T, 8>(rows, total, n_cols, s)) return;
+        if (AL && ver == 9 && v9()) return;
     }
     if (ver >= 6) ver = T == DS4_TYPE_IQ2_XXS ? 4 : 2;  // shapes (or types) v6 / v7 do not take
     if (AL && ver >= 2 && rows.uniform_x_groups(kRows)) {
