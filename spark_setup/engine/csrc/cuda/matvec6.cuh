@@ -572,10 +572,11 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
         return e ? std::atoi(e) : 0;
     }();
     const int ks = ks_env > 0 && ks_env <= W && (ks_env & (ks_env - 1)) == 0 && ks_env <= nch ? ks_env : best_ks;
-    // v9 takes only shapes without a column split: with one, each of its small CTAs converts all of x (run 34:
-    // attn_output_a 63%, attn_output_b 45% of copy against v6's 67 / 64%)
-    if (W <= 4 && ks > 1) return false;
     const int64_t rounds = (n_tiles + W / ks - 1) / (W / ks);
+    // v9 takes only shapes with at least two CTAs per SM and no column split: with one, each of its small CTAs
+    // converts all of x (run 34: attn_output_a 63%, attn_output_b 45% of copy against v6's 67 / 64%); and a small
+    // matrix would get a handful of CTAs (run 43: [512 x 4096] in 8 CTAs, 27 us a launch)
+    if (W <= 4 && (ks > 1 || rounds < 2 * (int64_t)sm_count())) return false;
     int64_t grid = std::min<int64_t>(rounds, (int64_t)sms);
     // distinct x vectors per CTA (expert down projections): at most kMaxSlots
     auto slots_for = [&](int64_t gr) -> int64_t {

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Per-kernel time of one CUDA decode step, for Nsight Compute (what a decode step spends its time on).
+
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        python3 tools/profile_decode.py MODEL.gguf --lib build/gpu-sm_90/libds4engine.so [--ctx 64] > kernels.csv
+    python3 tools/profile_decode.py --summarize kernels.csv
+
+The script loads the model, prefills --ctx random tokens, times --steps decode steps (CUDA graphs, as served), then
+runs one more step between cuProfilerStart and cuProfilerStop: under ncu exactly that step's kernels are measured
+(ncu profiles a graph's kernel nodes one by one, serialized, so the sum is kernel time without launch gaps or
+overlap). --summarize folds the CSV by kernel name: count, total and mean time, share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import ctypes
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def summarize(path: Path) -> int:
+    rows = [r for r in csv.reader(path.read_text().splitlines()) if len(r) > 5]
+    head = rows[0]
+    iname, imetric, ivalue = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+    iunit, igrid, iblock = head.index("Metric Unit"), head.index("Grid Size"), head.index("Block Size")
+    agg: dict[tuple, list[float]] = collections.defaultdict(list)
+    for r in rows[1:]:
+        if r[imetric] != "gpu__time_duration.sum":
+            continue
+        v = float(r[ivalue].replace(",", ""))
+        v *= {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r[iunit]]
+        agg[(r[iname].split("(")[0][:90], r[igrid], r[iblock])].append(v)
+    total = sum(sum(v) for v in agg.values())
+    n = sum(len(v) for v in agg.values())
+    print(f"{n} kernels, {total:.0f} us of kernel time in the profiled step\n")
+    print("| kernel | grid | block | launches | total us | mean us | share |\n|---|---|---|---:|---:|---:|---:|")
+    for (k, g, b), v in sorted(agg.items(), key=lambda kv: -sum(kv[1])):
+        print(f"| `{k}` | {g} | {b} | {len(v)} | {sum(v):.0f} | {sum(v) / len(v):.1f} | {100 * sum(v) / total:.1f}% |")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--lib", default=os.environ.get("DS4_ENGINE_LIB"))
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--backend", choices=("cuda", "cpu"), default="cuda", help="cpu: to try the script on a tiny model")
+    ap.add_argument("--summarize", action="store_true", help="MODEL is a CSV written by ncu: fold it by kernel")
+    a = ap.parse_args()
+    if a.summarize:
+        return summarize(a.model)
+    if a.lib:
+        os.environ["DS4_ENGINE_LIB"] = a.lib
+    from spark_setup.engine import _lib
+    from spark_setup.engine.runtime import Model
+
+    lib = _lib.load()
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        start, stop = cuda.cuProfilerStart, cuda.cuProfilerStop
+    except OSError:  # no driver (--backend cpu on a machine without a GPU)
+        start = stop = lambda: 0
+    model = Model(a.model, backend=a.backend, lib=lib)
+    toks = np.random.default_rng(7).integers(1000, model.n_vocab - 1000, size=a.ctx + a.steps + 8).astype(np.int32)
+    with model.new_session(a.ctx + a.steps + 8) as s:
+        logits = s.eval(toks[:a.ctx])
+        tok = int(np.argmax(logits))
+        t = []
+        for _ in range(a.steps):
+            logits = s.eval([tok])
+            t.append(time.monotonic())
+            tok = int(np.argmax(logits))
+        ms = 1000 * (t[-1] - t[0]) / (len(t) - 1)
+        print(f"decode at ctx {a.ctx}: {ms:.2f} ms/token ({1000 / ms:.1f} t/s)", file=sys.stderr)
+        t0 = time.monotonic()
+        start()
+        s.eval([tok])
+        stop()
+        print(f"profiled step: {1000 * (time.monotonic() - t0):.1f} ms wall (under the profiler)",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
