@@ -72,7 +72,8 @@ def main() -> int:
     except OSError:  # no driver (--backend cpu on a machine without a GPU)
         start = stop = lambda: 0
     model = Model(a.model, backend=a.backend, lib=lib)
-    toks = np.random.default_rng(7).integers(1000, model.n_vocab - 1000, size=a.ctx + a.steps + 8).astype(np.int32)
+    lo = min(1000, model.n_vocab // 4)  # ordinary tokens, away from the special ones at either end
+    toks = np.random.default_rng(7).integers(lo, model.n_vocab - lo, size=a.ctx + a.steps + 8).astype(np.int32)
     with model.new_session(a.ctx + a.steps + 8) as s:
         logits = s.eval(toks[:a.ctx])
         tok = int(np.argmax(logits))
