@@ -157,8 +157,12 @@ def check_type(lib, type_name: str, have_gguf: bool) -> list[str]:
             problems.append(f"{type_name}: CUDA dequantize differs from gguf")
     # matvec: aligned shapes (the fast path) and an odd row count
     # (67, 4x) and (300, 16x): the aligned fast path, several tiles, odd row counts; (7, 3 blocks): rows that are
-    # not a multiple of 16 bytes (byte-load path) and partial tiles.
-    for rows, cols in ((67, n_cols * 4), (300, n_cols * 16), (7, QUANT_SIZES[TYPES[type_name]][0] * 3)):
+    # not a multiple of 16 bytes (byte-load path) and partial tiles. Q8_0 also at attn_q_b's shape: the small ones
+    # never reach matvec v9, which takes only matrices with at least two 4-warp CTAs' worth of rows per SM.
+    shapes = [(67, n_cols * 4), (300, n_cols * 16), (7, QUANT_SIZES[TYPES[type_name]][0] * 3)]
+    if type_name == "Q8_0":
+        shapes.append((32768, 1024))
+    for rows, cols in shapes:
         w_raw = random_matrix(type_name, rows, cols, seed=11 + rows, bounded=True)
         x = np.random.default_rng(rows).standard_normal(cols).astype(np.float32)
         w = dequant(lib, BACKEND_CPU, type_name, w_raw, cols)
