@@ -54,6 +54,7 @@ constexpr int kMaxHc = 8;           // hyper-connection streams supported by the
 constexpr int kMaxLaneVals = 16;    // attention: head_dim / 32 values per lane (head_dim <= 512)
 constexpr int kAttnWarps = 8;
 constexpr int kAttnRows = 4;        // attention: rows a warp has in flight
+constexpr int kIdxThreads = 256;    // indexer scores: threads per block (its shared memory holds a key row per warp)
 constexpr int kHcwLd = 2 * kMaxHc + kMaxHc * kMaxHc;  // floats of one token's HC weights [pre | post | comb]
 constexpr int kMaxBatch = 256;  // tokens per batched prefill step
 constexpr int kMmBatch = 16;    // tokens per mm_kernel launch (the version-1 batched product)
@@ -1810,7 +1811,7 @@ void CudaSession::init() {
 
     const int max_rows = hp.window + max_comp;
     const size_t attn_smem_max = (size_t)(((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
-    idx_smem = ((size_t)IH * (ID + 1) + 8 * (size_t)ID) * 4;  // q, then a key row for each of the 8 warps
+    idx_smem = ((size_t)IH * (ID + 1) + kIdxThreads / 32 * (size_t)ID) * 4;  // q, then a key row per warp
     if (attn_smem_max > 48 * 1024)
         DS4_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)attn_smem_max));
     const size_t attn_mh_smem_max = (size_t)(kAttnHeads * ((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
@@ -2104,8 +2105,8 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
                 }
                 idx_q_kernel<<<nb * IH, 128, ID * 4, s>>>(qi, ID, nrot, C.d_rope_comp, d_steps, roundtrip ? 1 : 0, IH);
                 const int n_rows_max = max_ctx / r + 1;
-                const int grid = std::max(1, std::min(132, (n_rows_max + 7) / 8));
-                idx_score_kernel<<<dim3(grid, nb), 256, idx_smem, s>>>(qi, wi, ld.idx, IH, ID, r,
+                const int grid = std::max(1, std::min(132, (n_rows_max + kIdxThreads / 32 - 1) / (kIdxThreads / 32)));
+                idx_score_kernel<<<dim3(grid, nb), kIdxThreads, idx_smem, s>>>(qi, wi, ld.idx, IH, ID, r,
                                                                       1.0f / std::sqrt((float)ID),
                                                                       1.0f / std::sqrt((float)IH), d_steps, scores,
                                                                       scores_ld);
