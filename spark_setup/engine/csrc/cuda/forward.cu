@@ -671,10 +671,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
         const int c = use_sel ? sel[i - n_raw] : i - n_raw;
         return comp + (size_t)c * hd;
     };
-    // Each warp loads kAttnRows of its rows before using any (a row at a time left each warp waiting on one memory
-    // latency per row: 85 us a layer at 2k context, run 43); the arithmetic and its order per row are unchanged.
-    for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kAttnRows) {
-        float rv[kAttnRows][kMaxLaneVals];
+    // Each warp loads kAttnRows of its rows (i0, i0 + kAttnWarps, ...) before using any (a row at a time left each
+    // warp waiting on one memory latency per row: 85 us a layer at 2k context, run 43); the arithmetic and its order
+    // per row are unchanged.
+    auto load_rows = [&](int i0, float (&rv)[kAttnRows][kMaxLaneVals]) {
 #pragma unroll
         for (int u = 0; u < kAttnRows; u++) {
             const int i = i0 + u * kAttnWarps;
@@ -682,6 +682,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
 #pragma unroll
             for (int j = 0; j < kMaxLaneVals; j++) rv[u][j] = r && j < nj ? r[lane + 32 * j] : 0.0f;
         }
+    };
+    for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kAttnRows) {
+        float rv[kAttnRows][kMaxLaneVals];
+        load_rows(i0, rv);
 #pragma unroll
         for (int u = 0; u < kAttnRows; u++) {
             const int i = i0 + u * kAttnWarps;
@@ -712,13 +716,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
     for (int j = 0; j < kMaxLaneVals; j++) acc[j] = 0.0f;
     for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kAttnRows) {
         float rv[kAttnRows][kMaxLaneVals];
-#pragma unroll
-        for (int u = 0; u < kAttnRows; u++) {
-            const int i = i0 + u * kAttnWarps;
-            const float *r = i < n_all ? row_ptr(i) : nullptr;
-#pragma unroll
-            for (int j = 0; j < kMaxLaneVals; j++) rv[u][j] = r && j < nj ? r[lane + 32 * j] : 0.0f;
-        }
+        load_rows(i0, rv);
 #pragma unroll
         for (int u = 0; u < kAttnRows; u++) {
             const int i = i0 + u * kAttnWarps;

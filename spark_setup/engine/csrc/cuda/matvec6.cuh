@@ -542,15 +542,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
 
     // CTAs per SM: as many as the shared memory holds (16 warps: one; 8 warps: two on an H200, one on a GB10; 4 warps,
     // v9: 3-5). Where several fit, the next launch's CTAs start in the free slots as this one's finish.
-    static const int smem_sm = [] {
-        int dev = 0, v = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
-            cudaGetLastError();
-            return 0;
-        }
-        return v;
-    }();
+    static const int smem_sm = device_attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
     const int est = L::smem(K, span == INT64_MAX ? 1 : kMaxSlots, L::red_bytes(W, 1)) + (int)sizeof(int32_t) * kMaxIds + 1024;
     const int per_sm = std::max(1, std::min(smem_sm / est, 64 / W));
     // column split: the smallest ks whose rounds fill the GPU evenly enough
@@ -590,15 +582,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     const int smem = L::smem(K, slots, L::red_bytes(ks, (int)((rounds + grid - 1) / grid)));
     // W = 16: 150-210 KB per CTA, fits an H100/H200 (227 KB per block); a GB10 (sm_121) allows about 99 KB, where
     // the caller tries W = 8 next and then v2 (Q8_0 with 8192 columns)
-    static const int smem_max = [] {
-        int dev = 0, v = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-            cudaGetLastError();
-            return 0;
-        }
-        return v;
-    }();
+    static const int smem_max = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     if (smem + (int)sizeof(int32_t) * kMaxIds > smem_max) return false;
     static int smem_set = 0;
     if (smem > smem_set) {

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <mutex>
 
 #include "check.cuh"
 #include "common.h"
@@ -737,14 +736,18 @@ __global__ void __launch_bounds__(32 * kWarps) matvec_f(Rows rows, int64_t total
     }
 }
 
+// An attribute of the current device; 0 when it cannot be read (the CUDA error is cleared).
+int device_attr(cudaDeviceAttr attr) {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return v;
+}
+
 int sm_count() {
-    static int n = 0;
-    static std::once_flag once;
-    std::call_once(once, [] {
-        int dev = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-            n = 0;
-    });
+    static const int n = device_attr(cudaDevAttrMultiProcessorCount);
     return n > 0 ? n : 16;
 }
 

@@ -221,9 +221,9 @@ __global__ void read_kernel_pdl(const uint4 *p, size_t n, uint32_t *sink) {
 // before it waits for the previous kernel, the rest after. What a chain of dependent launches can reach. Run 35 tried
 // 2, 4 and 8 CTAs of 256 threads per SM with 4, 8 and 16 loads before the wait: 8 and 8 was best (82% of copy for
 // 35.7 MB; with fewer CTAs per SM, 53-71%).
-template <int kPre>
 __global__ void read_kernel_dep(const uint4 *p, size_t n, uint32_t *sink) {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    constexpr int kPre = 8;
     const size_t stride = (size_t)gridDim.x * blockDim.x, i0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     uint4 pre[kPre];
 #pragma unroll
@@ -239,9 +239,12 @@ __global__ void read_kernel_dep(const uint4 *p, size_t n, uint32_t *sink) {
     if (acc == 0x12345678u) *sink = acc;
 }
 
+// How the ceiling's read kernel is launched.
+enum class ReadLaunch { kPlain, kPdl, kPdlWait };
+
 // The ceiling for launches of given sizes: per call, one streaming read of each size in `sizes` (rotated slices, as
-// the cases' weights), kGraphCalls calls back to back in a graph, plain or PDL launches; microseconds per call.
-double read_graph_us(const std::vector<size_t> &sizes, int pdl, int reps, cudaStream_t s, int sms) {
+// the cases' weights), kGraphCalls calls back to back in a graph, launched as `how` says; microseconds per call.
+double read_graph_us(const std::vector<size_t> &sizes, ReadLaunch how, int reps, cudaStream_t s, int sms) {
     size_t call = 0;
     for (size_t b : sizes) call += b;
     const size_t n_calls = kRotateBytes / call;
@@ -254,9 +257,9 @@ double read_graph_us(const std::vector<size_t> &sizes, int pdl, int reps, cudaSt
         const uint8_t *p = static_cast<uint8_t *>(a) + (i % n_calls) * call;
         for (size_t b : sizes) {
             const uint4 *q = reinterpret_cast<const uint4 *>(p);
-            if (pdl == 2) {
-                ds4::launch_pdl(read_kernel_dep<8>, sms * 8, 256, 0, s, q, b / 16, sink);
-            } else if (pdl) {
+            if (how == ReadLaunch::kPdlWait) {
+                ds4::launch_pdl(read_kernel_dep, sms * 8, 256, 0, s, q, b / 16, sink);
+            } else if (how == ReadLaunch::kPdl) {
                 ds4::launch_pdl(read_kernel_pdl, sms * 8, 256, 0, s, q, b / 16, sink);
             } else {
                 read_kernel<<<sms * 8, 256, 0, s>>>(q, b / 16, sink);
@@ -476,8 +479,8 @@ int main(int argc, char **argv) {
             for (const char *p = argv[++i]; *p;) {
                 char *end;
                 const long v = std::strtol(p, &end, 10);
-                if (end == p || v < 0 || v > 9) {
-                    std::fprintf(stderr, "--versions: a comma-separated list of 0..9 (0 = per-type default)\n");
+                if (end == p || v < 0 || v > 9 || v == 8) {
+                    std::fprintf(stderr, "--versions: a comma-separated list of 0..7 and 9 (0 = per-type default)\n");
                     return 2;
                 }
                 versions.push_back((int)v);
@@ -571,12 +574,12 @@ int main(int argc, char **argv) {
         double b = 0;
         for (size_t x : cc.sizes) b += (double)x;
         const int reps = std::max(10, iters / kGraphCalls);
-        const double up = read_graph_us(cc.sizes, 0, reps, s, prop.multiProcessorCount);
-        const double uq = read_graph_us(cc.sizes, 1, reps, s, prop.multiProcessorCount);
-        const double ud = read_graph_us(cc.sizes, 2, reps, s, prop.multiProcessorCount);
-        std::printf("| %s | %zu | %.1f | %.0f%% | %.1f | %.0f%% | %.1f | %.0f%% |\n", cc.name, cc.sizes.size(), up,
-                    100.0 * b / (up * 1e-6) / 1e9 / copy, uq, 100.0 * b / (uq * 1e-6) / 1e9 / copy, ud,
-                    100.0 * b / (ud * 1e-6) / 1e9 / copy);
+        std::printf("| %s | %zu |", cc.name, cc.sizes.size());
+        for (ReadLaunch how : {ReadLaunch::kPlain, ReadLaunch::kPdl, ReadLaunch::kPdlWait}) {
+            const double us = read_graph_us(cc.sizes, how, reps, s, prop.multiProcessorCount);
+            std::printf(" %.1f | %.0f%% |", us, 100.0 * b / (us * 1e-6) / 1e9 / copy);
+        }
+        std::printf("\n");
     } catch (const ds4::Error &e) {  // a failed PDL launch (ds4::launch_pdl throws)
         std::fprintf(stderr, "engine error: %s\n", e.what());
         return 1;
