@@ -40,6 +40,17 @@ def test_summary_folds_by_kernel_and_grid_in_microseconds(tmp_path):
     assert rows[0][5] == "84.0" and rows[0][6] == "70.9% |"
 
 
+def test_summary_of_a_file_that_is_not_ncus_csv_is_one_line(tmp_path):
+    f = tmp_path / "k.csv"
+    f.write_text("kernel,us\nattention,85\n")
+    r = subprocess.run([sys.executable, str(TOOL), "--summarize", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "is not ncu's CSV" in r.stderr and "--csv --log-file" in r.stderr
+    missing = subprocess.run([sys.executable, str(TOOL), "--summarize", str(tmp_path / "none.csv")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read")
+
+
 def test_drives_a_decode_step_on_the_cpu_engine(engine_lib):
     # the same path as under ncu, on the bundled demo model: prefill, timed decode steps, the profiled step
     r = subprocess.run([sys.executable, str(TOOL), str(demo_model_path()), "--lib", str(engine_lib), "--backend",

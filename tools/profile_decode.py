@@ -28,18 +28,31 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+UNITS_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+COLUMNS = ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit", "Grid Size", "Block Size")
+
+
 def summarize(path: Path) -> int:
-    rows = [r for r in csv.reader(path.read_text().splitlines()) if len(r) > 5]
-    head = rows[0]
-    iname, imetric, ivalue = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
-    iunit, igrid, iblock = head.index("Metric Unit"), head.index("Grid Size"), head.index("Block Size")
+    try:
+        rows = [r for r in csv.reader(path.read_text(errors="replace").splitlines()) if len(r) > 5]
+    except OSError as e:
+        print(f"error: cannot read {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    if not rows or any(c not in rows[0] for c in COLUMNS):
+        print(f"error: {path} is not ncu's CSV (run ncu with --csv --log-file FILE, as in this script's help)",
+              file=sys.stderr)
+        return 2
+    iname, imetric, ivalue, iunit, igrid, iblock = (rows[0].index(c) for c in COLUMNS)
     agg: dict[tuple, list[float]] = collections.defaultdict(list)
     for r in rows[1:]:
-        if r[imetric] != "gpu__time_duration.sum":
+        if r[imetric] != "gpu__time_duration.sum" or r[iunit] not in UNITS_US:
             continue
-        v = float(r[ivalue].replace(",", ""))
-        v *= {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r[iunit]]
+        v = float(r[ivalue].replace(",", "")) * UNITS_US[r[iunit]]
         agg[(r[iname].split("(")[0][:90], r[igrid], r[iblock])].append(v)
+    if not agg:
+        print(f"error: {path} has no gpu__time_duration.sum rows (run ncu with --metrics gpu__time_duration.sum)",
+              file=sys.stderr)
+        return 2
     total = sum(sum(v) for v in agg.values())
     n = sum(len(v) for v in agg.values())
     print(f"{n} kernels, {total:.0f} us of kernel time in the profiled step\n")
@@ -60,6 +73,16 @@ def main() -> int:
     a = ap.parse_args()
     if a.summarize:
         return summarize(a.model)
+    from spark_setup.errors import UserError
+
+    try:
+        return profile(a)
+    except UserError as e:  # a missing or bad model, a wrong --lib: the engine's one-line message
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def profile(a: argparse.Namespace) -> int:
     if a.lib:
         os.environ["DS4_ENGINE_LIB"] = a.lib
     from spark_setup.engine import _lib
