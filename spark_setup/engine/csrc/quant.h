@@ -87,8 +87,9 @@ void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
 // does not take fall back to v2). Not thread-safe.
 void cuda_set_matvec_version(int v);
 // Benchmark diagnosis of v6 only (results are wrong on purpose), bits: 1 = skip the decode, 2 = skip the weight
-// loads, 4 = expert ids 0, 1, 2, ... instead of reading them, 8 = skip the x conversion; 0 = normal. bench_matvec sets it from DS4_V6_DIAG. Not thread-safe. (The environment variable
-// DS4_V6_KS = 1, 2, 4, 8 or 16, read once, forces v6's column split instead of its own choice: diagnosis too.)
+// loads, 4 = expert ids 0, 1, 2, ... instead of reading them, 8 = skip the x conversion; 0 = normal. bench_matvec
+// sets it from DS4_V6_DIAG. Not thread-safe. (The environment variable DS4_V6_KS = 1, 2, 4, 8 or 16, read once,
+// forces v6's column split instead of its own choice: diagnosis too.)
 void cuda_set_matvec_diag(int d);
 // Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,
 // copies y back, synchronizes. Throws ds4::Error(DS4_E_BACKEND) on a CUDA error or when no device is present.
