@@ -266,48 +266,62 @@ __device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {
 }
 
 // x (K floats) -> four digit planes (plane p at dig + p K), group scales xs[K / XG], optionally 16-column sums.
+// A warp converts pieces of 256 columns, 8 per lane; the loads of up to XB pieces go out together, so that a CTA of
+// few warps does not wait one L2 latency per piece (8 warps, 4096 columns: two pieces a warp).
 template <int XG, bool SX, int W>
 __device__ void convert_x(const float *x, int K, int ps, uint8_t *dig, float *xs, float *sx) {
+    constexpr int XB = W >= 16 ? 2 : 4;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int base = warp * 256; base < K; base += W * 256) {
-        const int i0 = base + 8 * lane;
-        const bool ok = i0 < K;  // K is a multiple of 32: a group of 4 lanes is all in or all out
-        float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (ok) {
-            const float4 a = ldx4(x + i0), b = ldx4(x + i0 + 4);
-            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    for (int base = warp * 256; base < K; base += XB * W * 256) {
+        float v[XB][8];
+#pragma unroll
+        for (int j = 0; j < XB; j++) {
+            const int i0 = base + j * W * 256 + 8 * lane;
+            float4 a = make_float4(0, 0, 0, 0), b = a;
+            if (i0 < K) a = ldx4(x + i0), b = ldx4(x + i0 + 4);
+            v[j][0] = a.x, v[j][1] = a.y, v[j][2] = a.z, v[j][3] = a.w;
+            v[j][4] = b.x, v[j][5] = b.y, v[j][6] = b.z, v[j][7] = b.w;
         }
-        float m = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e]));
+        for (int j = 0; j < XB; j++) {
+            const int i0 = base + j * W * 256 + 8 * lane;
+            const bool ok = i0 < K;  // K is a multiple of 32: a group of 4 lanes is all in or all out
+            float m = 0.0f;
 #pragma unroll
-        for (int o = 1; o < XG / 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        // m < 2^(E-126); inv = 2^(156-E) puts |x| * inv below 2^30; both powers of two, so x * inv is exact
-        const int E = max((int)((__float_as_uint(m) >> 23) & 0xff), 30);
-        const float inv = __uint_as_float((uint32_t)(283 - E) << 23), scale = __uint_as_float((uint32_t)(E - 29) << 23);
-        uint32_t w[4][2] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
+            for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[j][e]));
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            int t = __float2int_rn(v[e] * inv);
-            uint32_t dgt[4];
+            for (int o = 1; o < XG / 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            // m < 2^(E-126); inv = 2^(156-E) puts |x| * inv below 2^30; both powers of two, so x * inv is exact
+            const int E = max((int)((__float_as_uint(m) >> 23) & 0xff), 30);
+            const float inv = __uint_as_float((uint32_t)(283 - E) << 23), scale = __uint_as_float((uint32_t)(E - 29) << 23);
+            // Balanced base-256 digits without a digit loop: adding 0x80808080 (|X| < 2^30 keeps it in 32 bits) makes
+            // the bytes of X + C unsigned digits u with X = sum (u_p - 128) 256^p, and u - 128 is u XOR 0x80 read as a
+            // signed byte; the only balanced digits are these. Four values' bytes then go to the four planes by PRMT.
+            uint32_t u[8], w[4][2];
 #pragma unroll
-            for (int p = 3; p > 0; p--) {  // balanced base-256 digits, least significant first
-                dgt[p] = (uint32_t)t & 0xffu;
-                t = (t - (int)(signed char)dgt[p]) >> 8;
+            for (int e = 0; e < 8; e++) u[e] = ((uint32_t)__float2int_rn(v[j][e] * inv) + 0x80808080u) ^ 0x80808080u;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint32_t *q = u + 4 * h;
+                const uint32_t lo01 = prmt(q[0], q[1], 0x5140), hi01 = prmt(q[0], q[1], 0x7362);
+                const uint32_t lo23 = prmt(q[2], q[3], 0x5140), hi23 = prmt(q[2], q[3], 0x7362);
+                w[3][h] = prmt(lo01, lo23, 0x5410);  // bytes 0 (plane 3: the least significant digit)
+                w[2][h] = prmt(lo01, lo23, 0x7632);  // bytes 1
+                w[1][h] = prmt(hi01, hi23, 0x5410);  // bytes 2
+                w[0][h] = prmt(hi01, hi23, 0x7632);  // bytes 3
             }
-            dgt[0] = (uint32_t)t & 0xffu;
+            if (ok) {
 #pragma unroll
-            for (int p = 0; p < 4; p++) w[p][e >> 2] |= dgt[p] << (8 * (e & 3));
-        }
-        if (ok) {
-#pragma unroll
-            for (int p = 0; p < 4; p++) *reinterpret_cast<uint2 *>(dig + (size_t)p * ps + i0) = make_uint2(w[p][0], w[p][1]);
-            if ((lane & (XG / 8 - 1)) == 0) xs[i0 / XG] = scale;
-        }
-        if (SX) {
-            float s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-            s += __shfl_xor_sync(0xffffffffu, s, 1);
-            if (ok && (lane & 1) == 0) sx[i0 / 16] = s;
+                for (int p = 0; p < 4; p++)
+                    *reinterpret_cast<uint2 *>(dig + (size_t)p * ps + i0) = make_uint2(w[p][0], w[p][1]);
+                if ((lane & (XG / 8 - 1)) == 0) xs[i0 / XG] = scale;
+            }
+            if (SX) {
+                const float *f = v[j];
+                float sm = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+                sm += __shfl_xor_sync(0xffffffffu, sm, 1);
+                if (ok && (lane & 1) == 0) sx[i0 / 16] = sm;
+            }
         }
     }
 }
@@ -395,7 +409,7 @@ __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(R
         for (int k = kfirst; k <= klast && k - kfirst < kMaxSlots && !(diag & 8); k++) {
             uint8_t *sl8 = xslots + (k - kfirst) * sb;
             convert_x<D::XG, D::SX, W>(x_of(rows, k), K, L::plane(K), sl8, reinterpret_cast<float *>(sl8 + L::xs_off(K)),
-                                    reinterpret_cast<float *>(sl8 + L::sx_off(K)));
+                                       reinterpret_cast<float *>(sl8 + L::sx_off(K)));
         }
     };
     const bool early = early_loads(rows);
