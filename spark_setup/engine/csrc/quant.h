@@ -61,14 +61,15 @@ void cuda_matvec(int type, const void *d_W, int64_t n_rows, int64_t n_cols, cons
 // Routed-expert matvec in one launch (the MoE decode step): for m < n_mats (1 or 2, e.g. gate and up), e < n_ids,
 // r < n_rows: d_y[m][e * n_rows + r] = W_m[d_ids[e]] row r . (d_x + e * x_stride), where expert k of W_m starts at
 // d_W[m] + k * expert_stride bytes. x_stride = 0 shares one input (gate/up); x_stride = n_cols gives each expert
-// its own input (down). d_ids lives on the device (the router writes it).
+// its own input (down). d_ids lives on the device (the router writes it); nullptr stands for the identity, d_ids[e] = e
+// (grouped and paired matvecs of plain matrices: no ids to read before the weights).
 struct ExpertMatvec {
     const void *W[2] = {nullptr, nullptr};
     float *y[2] = {nullptr, nullptr};
     int n_mats = 1;
     int64_t expert_stride = 0;  // bytes
     int64_t n_rows = 0, n_cols = 0;
-    const int32_t *ids = nullptr;
+    const int32_t *ids = nullptr;  // nullptr: the identity
     int n_ids = 0;
     const float *x = nullptr;
     int64_t x_stride = 0;  // floats

@@ -1406,7 +1406,6 @@ public:
     const uint8_t *h_data = nullptr;
     float *d_rope_main = nullptr, *d_rope_comp = nullptr;
     std::vector<float *> d_cmp_ape, d_idx_ape;  // per layer, dequantized to f32
-    int32_t *d_group_ids = nullptr;
     double load_s = 0.0;
 
     ~CudaModel() {
@@ -1415,7 +1414,6 @@ public:
         cudaFree(d_rope_comp);
         for (float *p : d_cmp_ape) cudaFree(p);
         for (float *p : d_idx_ape) cudaFree(p);
-        cudaFree(d_group_ids);
     }
     const uint8_t *dev(const Tensor &t) const {
         if (!t.present()) return nullptr;
@@ -1572,9 +1570,6 @@ CudaModelPtr cuda_model_load(const Model &m) {
         if (w.ratio) cm->d_cmp_ape[L] = deq(w.cmp_ape);
         if (w.csa) cm->d_idx_ape[L] = deq(w.idx_ape);
     }
-    std::vector<int32_t> gid(hp.o_groups);
-    for (int i = 0; i < hp.o_groups; i++) gid[i] = i;
-    cm->d_group_ids = upload(gid.data(), gid.size());
     return cm;
 }
 
@@ -1854,7 +1849,8 @@ void mv2(const CudaModel &cm, const Tensor &wa, const Tensor &wb, const float *x
     p.expert_stride = 0;
     p.n_rows = wa.ne[1];
     p.n_cols = wa.ne[0];
-    p.ids = cm.d_group_ids;  // {0, ...}
+    p.ids = nullptr;  // the identity: no ids to load before the weights
+    p.ids_settled = true;
     p.n_ids = 1;
     p.x = x;
     p.x_stride = 0;
@@ -1871,7 +1867,8 @@ void mv_grouped(const CudaModel &cm, const Tensor &w, const float *x, float *y, 
     p.expert_stride = rpg * (int64_t)row_bytes(w.type, w.ne[0]);
     p.n_rows = rpg;
     p.n_cols = w.ne[0];
-    p.ids = cm.d_group_ids;
+    p.ids = nullptr;  // the identity: no ids to load before the weights
+    p.ids_settled = true;
     p.n_ids = (int)(w.ne[1] / rpg);
     p.x = x;
     p.x_stride = xgs;

@@ -353,6 +353,8 @@ __device__ __forceinline__ int n_ids(const ExpertRows &r) { return (int)(r.per_m
 __device__ __forceinline__ const int32_t *ids_of(const PlainRows &) { return nullptr; }
 __device__ __forceinline__ const int32_t *ids_of(const ExpertRows &r) { return r.ids; }
 constexpr int kMaxIds = 256;
+template <class Rows>
+constexpr int kIdsBytes = Rows::kConstWeights ? 4 : 4 * kMaxIds;  // static shared memory of the ids copy
 
 template <int T, int W>
 struct Layout {
@@ -378,7 +380,7 @@ __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(R
     using L = Layout<T, W>;
     constexpr int kLC = M6<DS4_TYPE_IQ2_XXS, W>::LC;  // IQ2_XXS table copies
     extern __shared__ __align__(16) uint8_t smem[];
-    __shared__ int32_t ids[kMaxIds];
+    __shared__ int32_t ids[kIdsBytes<Rows> / 4];
     pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const int n_tiles = (total_rows + 15) / 16;
@@ -416,7 +418,7 @@ __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(R
     if (!Rows::kConstWeights) {  // expert rows: the weight addresses come from the router's ids
         if (D::LUT) build_iq2_lut<W, kLC>(lut);  // needs nothing of the previous kernel: overlaps its tail
         if (!early) pdl_wait();
-        for (int i = threadIdx.x; i < n_ids(rows); i += blockDim.x) ids[i] = (diag & 4) ? i : ids_of(rows)[i];
+        for (int i = threadIdx.x; i < n_ids(rows); i += blockDim.x) ids[i] = (diag & 4) || !ids_of(rows) ? i : ids_of(rows)[i];
         __syncthreads();
     }
 
@@ -447,7 +449,8 @@ __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(R
         if (++ist == D::NS) ist = 0;
     };
 
-    // the first weight loads go out first; the table and x conversion overlap their latency
+    // the first weight loads go out first; the table and x conversion overlap their latency (run 47: issuing some
+    // stages of a deeper ring only after the wait, so that loads stream during the conversion, gained nothing)
 #pragma unroll
     for (int s = 0; s < D::NS - 1; s++) issue_next();
     if (D::LUT && Rows::kConstWeights) build_iq2_lut<W, kLC>(lut);
@@ -557,7 +560,8 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     // CTAs per SM: as many as the shared memory holds (16 warps: one; 8 warps: two on an H200, one on a GB10; 4 warps,
     // v9: 3-5). Where several fit, the next launch's CTAs start in the free slots as this one's finish.
     static const int smem_sm = device_attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
-    const int est = L::smem(K, span == INT64_MAX ? 1 : kMaxSlots, L::red_bytes(W, 1)) + (int)sizeof(int32_t) * kMaxIds + 1024;
+    // (expert rows: two x slots, what a CTA of a few tiles needs unless its rows span more than two experts' inputs)
+    const int est = L::smem(K, span == INT64_MAX ? 1 : 2, L::red_bytes(W, 1)) + kIdsBytes<Rows> + 1024;
     const int per_sm = std::max(1, std::min(smem_sm / est, 64 / W));
     // column split: the smallest ks whose rounds fill the GPU evenly enough
     const int sms = sm_count() * per_sm;
@@ -597,7 +601,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     // W = 16: 150-210 KB per CTA, fits an H100/H200 (227 KB per block); a GB10 (sm_121) allows about 99 KB, where
     // the caller tries W = 8 next and then v2 (Q8_0 with 8192 columns)
     static const int smem_max = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-    if (smem + (int)sizeof(int32_t) * kMaxIds > smem_max) return false;
+    if (smem + kIdsBytes<Rows> > smem_max) return false;
     static int smem_set = 0;
     if (smem > smem_set) {
         if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
