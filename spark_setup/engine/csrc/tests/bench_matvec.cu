@@ -281,9 +281,12 @@ Row make_row(std::string name, std::string type, std::string shape, int ver, dou
             gus, ggbs, 100.0 * ggbs / copy};
 }
 
-// One plain matvec case: [rows x cols] of `type` (a list of matrices run back to back counts as one case).
+// One plain matvec case: [rows x cols] of `type` (a list of matrices run back to back counts as one case). groups > 1:
+// one matrix, launched as the forward pass launches attn_output_a (a grouped matvec: rows [g R, (g + 1) R) take
+// x + g cols, through the expert path with settled group ids).
 std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::pair<int64_t, int64_t>> &mats,
-                             int iters, double copy, cudaStream_t s, const std::vector<int> &versions) {
+                             int iters, double copy, cudaStream_t s, const std::vector<int> &versions,
+                             int groups = 1) {
     size_t set_bytes = 0;
     int64_t max_rows = 0, max_cols = 0;
     for (auto &m : mats) {
@@ -300,11 +303,27 @@ std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::
             make_weights(W[c][k], type, b, 1000 + 17 * k);  // same content in every copy, different addresses
         }
     float *dx, *dy;
-    CK(cudaMalloc(&dx, max_cols * 4));
+    CK(cudaMalloc(&dx, max_cols * groups * 4));
     CK(cudaMalloc(&dy, max_rows * 4));
-    const std::vector<float> x = random_vec((size_t)max_cols, 42);
-    CK(cudaMemcpy(dx, x.data(), max_cols * 4, cudaMemcpyHostToDevice));
+    const std::vector<float> x = random_vec((size_t)(max_cols * groups), 42);
+    CK(cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaDeviceSynchronize());
+    auto matvec = [&](const uint8_t *w, int64_t rows, int64_t cols) {
+        if (groups == 1) return ds4::cuda_matvec(type, w, rows, cols, dx, dy, s);
+        ds4::ExpertMatvec p;
+        p.W[0] = w;
+        p.y[0] = dy;
+        p.n_mats = 1;
+        p.n_rows = rows / groups;
+        p.n_cols = cols;
+        p.expert_stride = (int64_t)ds4::row_bytes(type, cols) * p.n_rows;
+        p.ids = nullptr;  // the identity, as in the forward pass
+        p.n_ids = groups;
+        p.ids_settled = true;
+        p.x = dx;
+        p.x_stride = cols;
+        ds4::cuda_matvec_experts(type, p, s);
+    };
 
     // CPU reference of every matrix of copy 0
     std::vector<std::vector<float>> yc(mats.size());
@@ -314,7 +333,10 @@ std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::
         std::vector<uint8_t> hw(b);
         CK(cudaMemcpy(hw.data(), W[0][k], b, cudaMemcpyDeviceToHost));
         yc[k].resize((size_t)rows);
-        ds4::cpu_matvec(type, hw.data(), rows, cols, x.data(), yc[k].data());
+        const int64_t R = rows / groups;
+        for (int g = 0; g < groups; g++)
+            ds4::cpu_matvec(type, hw.data() + ds4::row_bytes(type, cols) * (size_t)(g * R), R, cols,
+                            x.data() + g * cols, yc[k].data() + g * R);
     }
     std::string shape;
     for (size_t k = 0; k < mats.size(); k++)
@@ -322,7 +344,7 @@ std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::
     std::vector<Row> out;
     auto run = [&](int i) {
         for (size_t k = 0; k < mats.size(); k++)
-            ds4::cuda_matvec(type, W[i % copies][k], mats[k].first, mats[k].second, dx, dy, s);
+            matvec(W[i % copies][k], mats[k].first, mats[k].second);
     };
     for (int ver : versions) try {
         ds4::cuda_set_matvec_version(ver);
@@ -331,7 +353,7 @@ std::vector<Row> bench_plain(const char *name, int type, const std::vector<std::
             const auto [rows, cols] = mats[k];
             std::vector<float> yg((size_t)rows);
             CK(cudaMemsetAsync(dy, 0xff, rows * 4, s));
-            ds4::cuda_matvec(type, W[0][k], rows, cols, dx, dy, s);
+            matvec(W[0][k], rows, cols);
             CK(cudaGetLastError());
             CK(cudaMemcpyAsync(yg.data(), dy, rows * 4, cudaMemcpyDeviceToHost, s));
             CK(cudaStreamSynchronize(s));
@@ -516,6 +538,8 @@ int main(int argc, char **argv) {
             add(bench_plain("attn_q_b", DS4_TYPE_Q8_0, {{32768, 1024}}, iters, copy, s, versions));
         if (want("attn_output_a"))
             add(bench_plain("attn_output_a", DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s, versions));
+        if (want("attn_output_a grouped"))
+            add(bench_plain("attn_output_a grouped", DS4_TYPE_Q8_0, {{8192, 4096}}, iters, copy, s, versions, 8));
         if (want("attn_output_b"))
             add(bench_plain("attn_output_b", DS4_TYPE_Q8_0, {{4096, 8192}}, iters, copy, s, versions));
         if (want("shared expert (gate, up, down)"))
