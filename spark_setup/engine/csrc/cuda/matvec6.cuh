@@ -27,11 +27,13 @@ namespace v6 {
 
 __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Warps per CTA (W, a template parameter): 16 by default (one CTA per SM: 4 warps per scheduler hide the mma and
-// shared-memory latency; 150-210 KB of shared memory); 8 for devices with ~100 KB per block (GB10), "v7": there
-// Q8_0 up to 4096 columns takes ~88 KB, the Q2_K down projections ~86 KB and IQ2_XXS ~80 KB (half-size chunks and
-// tables, M6<IQ2_XXS, 8>); 4 ("v9", plain Q8_0 only, 35-70 KB): 3-5 CTAs per SM, so that in a chain of launches the
-// next one's CTAs take over an SM a CTA at a time instead of all at once (attn_q_b 11.9 -> 11.1 us, runs 34-38).
+// Warps per CTA (W, a template parameter): 16 (one CTA per SM: 4 warps per scheduler hide the mma and shared-memory
+// latency; 150-210 KB of shared memory); 12 for the 2-bit types first (a layer's 1536 routed-expert tiles: one per
+// warp in 132 CTAs, no column split); 8 ("v7"; two CTAs per SM on an H200, tried first for Q8_0; the configuration
+// of devices with ~100 KB per block, GB10): Q8_0 up to 4096 columns takes ~88 KB, the Q2_K down projections ~86 KB
+// and IQ2_XXS ~80 KB (half-size chunks and tables, M6<IQ2_XXS, 8>); 4 ("v9", plain Q8_0 only, 35-70 KB): 3-5 CTAs
+// per SM, so that in a chain of launches the next one's CTAs take over an SM a CTA at a time instead of all at once
+// (attn_q_b 11.9 -> 11.1 us, runs 34-38).
 
 constexpr int kMaxSlots = 4;         // distinct x vectors one CTA may need (expert down projections)
 int g_diag = 0;                      // cuda_set_matvec_diag: benchmark diagnosis only (wrong results by design)
@@ -165,11 +167,11 @@ constexpr uint32_t kIq2Pos = 0x002B1908u, kIq2Neg = 0x00D5E7F8u;  // bytes {8,25
 
 template <int W>
 struct M6<DS4_TYPE_IQ2_XXS, W> {
-    // 16 warps: 1024-column chunks and a table copy per lane (48 KB). 8 warps (a GB10's ~99 KB per block): 512-column
+    // 12 or 16 warps: 1024-column chunks and a table copy per lane (48 KB). 8 warps (a GB10's ~99 KB per block): 512-column
     // chunks and 16 copies (24 KB; lanes l and l + 16 share one, so a lookup takes ~1.5 wavefronts instead of 1).
-    static constexpr int CHUNK = W >= 16 ? 1024 : 512, BLK = 256, DB = CHUNK / 256 * 66, SR = W >= 16 ? 272 : 144;
+    static constexpr int CHUNK = W >= 12 ? 1024 : 512, BLK = 256, DB = CHUNK / 256 * 66, SR = W >= 12 ? 272 : 144;
     static constexpr int NS = 2, XG = 256, MINB = 1;
-    static constexpr int LC = W >= 16 ? 32 : 16, ESH = W >= 16 ? 7 : 6;  // table copies; log2 of an entry's bytes
+    static constexpr int LC = W >= 12 ? 32 : 16, ESH = W >= 12 ? 7 : 6;  // table copies; log2 of an entry's bytes
     static constexpr bool SX = false, LUT = true;
     // One 256-column block of rows g and g + 8. Sub-block s's header (4 grid-index bytes, then a word of 4 x 7 sign
     // bits and the 4-bit scale) starts 2 bytes into the block plus 8 s: at 2 mod 4 for even blocks (PAR 0), at 0 mod
@@ -270,7 +272,7 @@ __device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {
 // few warps does not wait one L2 latency per piece (8 warps, 4096 columns: two pieces a warp).
 template <int XG, bool SX, int W>
 __device__ void convert_x(const float *x, int K, int ps, uint8_t *dig, float *xs, float *sx) {
-    constexpr int XB = W >= 16 ? 2 : 4;
+    constexpr int XB = W >= 12 ? 2 : 4;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int base = warp * 256; base < K; base += XB * W * 256) {
         float v[XB][8];
@@ -568,6 +570,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     int best_ks = 1;
     double best_eff = -1;
     for (int ks = 1; ks <= W && ks <= nch; ks *= 2) {
+        if (W % ks) continue;  // 12 warps: 1, 2 or 4
         const int64_t rounds = (n_tiles + W / ks - 1) / (W / ks);
         const int64_t ctas = sms;
         const int64_t waves = (rounds + ctas - 1) / ctas;
@@ -581,7 +584,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
         const char *e = std::getenv("DS4_V6_KS");
         return e ? std::atoi(e) : 0;
     }();
-    const int ks = ks_env > 0 && ks_env <= W && (ks_env & (ks_env - 1)) == 0 && ks_env <= nch ? ks_env : best_ks;
+    const int ks = ks_env > 0 && W % ks_env == 0 && (ks_env & (ks_env - 1)) == 0 && ks_env <= nch ? ks_env : best_ks;
     const int64_t rounds = (n_tiles + W / ks - 1) / (W / ks);
     // v9 takes only shapes with at least two CTAs per SM and no column split: with one, each of its small CTAs
     // converts all of x (run 34: attn_output_a 63%, attn_output_b 45% of copy against v6's 67 / 64%); and a small
