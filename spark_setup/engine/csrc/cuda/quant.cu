@@ -783,11 +783,13 @@ template <int T, bool AL, class Rows>
 void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     int ver = matvec_version_for(T);
     if constexpr (T == DS4_TYPE_Q8_0 || T == DS4_TYPE_Q2_K || T == DS4_TYPE_IQ2_XXS) {
-        // v6: 16 warps per CTA where the shared memory allows (H100/H200), else the 8-warp configuration (v7: a
-        // GB10 has ~99 KB per block); v7 forces the small one (to test it on a big GPU)
+        // The default (version 0) runs v6 in the configuration that fits the shape, below. Forced versions test one
+        // configuration each: 6 = 16 warps per CTA (8 where the shared memory does not allow it; the default before
+        // session 5, now the last resort), 7 = 8 warps (a GB10 has ~99 KB per block), 9 = 4 warps.
         // v9: 4 warps, several CTAs per SM, plain Q8_0 matrices that need no column split (attn_q_b, the output
         // head: runs 34-38, attn_q_b 76-77% of copy against v6's 70-71%, the output head within the run-to-run
-        // spread of v6's); v6 takes what it declines
+        // spread of v6's)
+        const bool by_shape = ver == 6 && g_matvec_version == 0;
         auto v9 = [&] {
             if constexpr (T == DS4_TYPE_Q8_0 && Rows::kConstWeights) return v6::launch<T, 4>(rows, total, n_cols, s);
             return false;
@@ -803,8 +805,9 @@ void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
             if constexpr (T == DS4_TYPE_Q8_0) return false;
             else return v6::launch<T, 12>(rows, total, n_cols, s) || v6_16() || v6_8();
         };
-        if (AL && ver == 6 && (v9() || (T == DS4_TYPE_Q8_0 ? v6_8() || v6_16() : v6_2bit()))) return;
-        if (AL && ver == 7 && v6::launch<T, 8>(rows, total, n_cols, s)) return;
+        if (AL && by_shape && (v9() || (T == DS4_TYPE_Q8_0 ? v6_8() || v6_16() : v6_2bit()))) return;
+        if (AL && ver == 6 && !by_shape && (v6_16() || v6_8())) return;
+        if (AL && ver == 7 && v6_8()) return;
         if (AL && ver == 9 && v9()) return;
     }
     if (ver >= 6) ver = T == DS4_TYPE_IQ2_XXS ? 4 : 2;  // shapes (or types) v6 / v7 do not take

@@ -488,7 +488,7 @@ std::vector<Row> bench_experts(const char *name, int gu_type, int down_type, int
 int main(int argc, char **argv) {
     int iters = 200;
     const char *csv = nullptr, *only = nullptr;
-    std::vector<int> versions = {6, 9, 7, 2, 4, 1};
+    std::vector<int> versions = {0, 6, 9, 7, 2, 4, 1};
     for (int i = 1; i < argc; i++) {
         if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
             iters = std::atoi(argv[++i]);
@@ -509,7 +509,7 @@ int main(int argc, char **argv) {
                 p = *end == ',' ? end + 1 : end;
             }
         } else {
-            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 6,9,7,2,4,1] [--case SUBSTRING]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--iters N] [--csv FILE] [--versions 0,6,9,7,2,4,1] [--case SUBSTRING]\n", argv[0]);
             return 2;
         }
     }
