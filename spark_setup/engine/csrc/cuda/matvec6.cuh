@@ -73,8 +73,12 @@ struct M6<DS4_TYPE_Q8_0, W> {
     // (run 17 tried 128-column chunks with MINB = 2, so that the next launch's CTA fits beside this one under PDL:
     // the 35.7 MB matrices fell from ~70% to ~45% of copy, the output head from 85% to 77%; run 26 tried 8-row tiles,
     // two blocks per mma in B columns 0-3 / 4-7, 78-107 KB per CTA: attn_q_b 69%, attn_output_a/b 45% / 43%)
+    // The mma's own k order (PERM): lane c holds quant bytes 4c .. 4c + 3 and 16 + 4c .. 16 + 4c + 3 of a block, so the
+    // 32 lanes' words of one load sit in 32 different banks (stage rows are 68 words apart: bank 4 g + c); x's digit
+    // planes are stored in the matching order (convert_x). Run 40 found 2-way bank conflicts with 8 consecutive bytes
+    // per lane.
     static constexpr int CHUNK = 256, BLK = 32, DB = 272, SR = 272, NS = 2, XG = 32, MINB = 1;
-    static constexpr bool SX = false, LUT = false;
+    static constexpr bool SX = false, LUT = false, PERM = true;
     __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
                                  const float *, int c, float (&facc)[2], float (&)[2], const uint32_t *) {
 #pragma unroll
@@ -84,15 +88,13 @@ struct M6<DS4_TYPE_Q8_0, W> {
             const uint8_t *rr[2] = {rg, rg8};
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                if ((b & 1) == 0) {  // quants at 2 mod 4: three aligned words, two funnel shifts
-                    const uint8_t *p = rr[r] + 34 * b + 8 * c;
-                    const uint32_t u0 = lds32(p), u1 = lds32(p + 4), u2 = lds32(p + 8);
-                    a[r] = __funnelshift_r(u0, u1, 16);
-                    a[2 + r] = __funnelshift_r(u1, u2, 16);
+                const uint8_t *p = rr[r] + 34 * b + 4 * c;  // the block's quants start at p + 2 - 4 c
+                if ((b & 1) == 0) {  // quants at 2 mod 4: two aligned words and a funnel shift per fragment word
+                    a[r] = __funnelshift_r(lds32(p), lds32(p + 4), 16);
+                    a[2 + r] = __funnelshift_r(lds32(p + 16), lds32(p + 20), 16);
                 } else {
-                    const uint8_t *p = rr[r] + 34 * b + 2 + 8 * c;
-                    a[r] = lds32(p);
-                    a[2 + r] = lds32(p + 4);
+                    a[r] = lds32(p + 2);
+                    a[2 + r] = lds32(p + 18);
                 }
             }
             const uint2 bb = *reinterpret_cast<const uint2 *>(dg + 32 * b);
@@ -108,7 +110,7 @@ struct M6<DS4_TYPE_Q8_0, W> {
 template <int W>
 struct M6<DS4_TYPE_Q2_K, W> {
     static constexpr int CHUNK = 512, BLK = 256, DB = 168, SR = 176, NS = 3, XG = 256, MINB = 1;
-    static constexpr bool SX = true, LUT = false;
+    static constexpr bool SX = true, LUT = false, PERM = false;
     __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
                                  const float *sx, int c, float (&facc)[2], float (&macc)[2], const uint32_t *) {
         const int sh = 8 * (c >> 1);
@@ -172,7 +174,7 @@ struct M6<DS4_TYPE_IQ2_XXS, W> {
     static constexpr int CHUNK = W >= 12 ? 1024 : 512, BLK = 256, DB = CHUNK / 256 * 66, SR = W >= 12 ? 272 : 144;
     static constexpr int NS = 2, XG = 256, MINB = 1;
     static constexpr int LC = W >= 12 ? 32 : 16, ESH = W >= 12 ? 7 : 6;  // table copies; log2 of an entry's bytes
-    static constexpr bool SX = false, LUT = true;
+    static constexpr bool SX = false, LUT = true, PERM = false;
     // One 256-column block of rows g and g + 8. Sub-block s's header (4 grid-index bytes, then a word of 4 x 7 sign
     // bits and the 4-bit scale) starts 2 bytes into the block plus 8 s: at 2 mod 4 for even blocks (PAR 0), at 0 mod
     // 4 for odd ones (PAR 1). Table entry i of lane l's copy is at byte 128 i + 4 l: an index goes straight to
@@ -270,7 +272,9 @@ __device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {
 // x (K floats) -> four digit planes (plane p at dig + p K), group scales xs[K / XG], optionally 16-column sums.
 // A warp converts pieces of 256 columns, 8 per lane; the loads of up to XB pieces go out together, so that a CTA of
 // few warps does not wait one L2 latency per piece (8 warps, 4096 columns: two pieces a warp).
-template <int XG, bool SX, int W>
+// PERM: within each 32 columns, stored bytes 8c .. 8c + 3 hold columns 4c .. 4c + 3 and bytes 8c + 4 .. 8c + 7 columns
+// 16 + 4c .. 16 + 4c + 3 (the mma's k order, M6<Q8_0>), so that a lane's B fragment stays one 8-byte load.
+template <int XG, bool SX, int W, bool PERM>
 __device__ void convert_x(const float *x, int K, int ps, uint8_t *dig, float *xs, float *sx) {
     constexpr int XB = W >= 12 ? 2 : 4;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -314,8 +318,17 @@ __device__ void convert_x(const float *x, int K, int ps, uint8_t *dig, float *xs
             }
             if (ok) {
 #pragma unroll
-                for (int p = 0; p < 4; p++)
-                    *reinterpret_cast<uint2 *>(dig + (size_t)p * ps + i0) = make_uint2(w[p][0], w[p][1]);
+                for (int p = 0; p < 4; p++) {
+                    uint8_t *d = dig + (size_t)p * ps + i0;
+                    if (PERM) {  // this lane's columns 8L .. 8L + 7 of its 32 (L = lane mod 4): bytes 16 (L & 1) + 4 (L >> 1)
+                        const int L = lane & 3;  // and 8 further
+                        d += 16 * (L & 1) + 4 * (L >> 1) - 8 * L;
+                        *reinterpret_cast<uint32_t *>(d) = w[p][0];
+                        *reinterpret_cast<uint32_t *>(d + 8) = w[p][1];
+                    } else {
+                        *reinterpret_cast<uint2 *>(d) = make_uint2(w[p][0], w[p][1]);
+                    }
+                }
                 if ((lane & (XG / 8 - 1)) == 0) xs[i0 / XG] = scale;
             }
             if (SX) {
@@ -412,7 +425,7 @@ __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(R
         const int klast = x_key(rows, t1 * 16);
         for (int k = kfirst; k <= klast && k - kfirst < kMaxSlots && !(diag & 8); k++) {
             uint8_t *sl8 = xslots + (k - kfirst) * sb;
-            convert_x<D::XG, D::SX, W>(x_of(rows, k), K, L::plane(K), sl8, reinterpret_cast<float *>(sl8 + L::xs_off(K)),
+            convert_x<D::XG, D::SX, W, D::PERM>(x_of(rows, k), K, L::plane(K), sl8, reinterpret_cast<float *>(sl8 + L::xs_off(K)),
                                        reinterpret_cast<float *>(sl8 + L::sx_off(K)));
         }
     };
