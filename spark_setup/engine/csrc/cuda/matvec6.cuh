@@ -7,7 +7,8 @@
 //  - x is split per group of XG columns into a power-of-two scale and four signed 8-bit digits,
 //    x = scale * (2^24 d0 + 2^16 d1 + 2^8 d2 + d3), |X| < 2^30: 30 bits against the group's largest value, finer
 //    than f32's own rounding of the products, so the result stays within the 1e-5 bound of the float64 reference.
-//    Each CTA converts the x it needs into shared memory once (four digit planes, natural column order).
+//    Each CTA converts the x it needs into shared memory once (four digit planes, in the columns' order, or, for
+//    Q8_0, in the mma's k order within each 32 columns).
 //  - The four planes are four columns of the mma's B operand (columns 4-7 repeat them and are ignored): one mma
 //    gives, for 16 weight rows and 32 columns, the exact integer dot product with every digit plane.
 //  - Weights are A: Q8_0 quants as they are; Q2_K quants times their 4-bit scale (<= 45, one IMUL per 4 weights);
@@ -18,10 +19,11 @@
 //    applied once per 32 (Q8_0) or 256 (Q2_K, IQ2_XXS) columns.
 // Mapping: a warp owns a tile of 16 consecutive rows; lane = 4 g + c holds rows g and g + 8 and, in every
 // 32-column step, the 8 weights 8c .. 8c + 7 (the k order inside an mma is free as long as A and B agree, and
-// this one makes every lane's B fragment one 8-byte load). Tiles are streamed global -> shared with cp.async in
-// chunks of CHUNK columns (a per-warp ring of NS stages). When there are too few tiles to fill the GPU evenly, the
-// CTA's W warps (16, or 8 where a block has ~100 KB of shared memory) split the columns of a tile (ks warps per
-// tile) and add their partial rows through shared memory. Launched with programmatic dependent launch: a CTA of a
+// this one makes every lane's B fragment one 8-byte load; Q8_0 takes the mma's own order, bytes 4c .. 4c + 3 and
+// 16 + 4c .., so that its quant loads hit 32 banks). Tiles are streamed global -> shared with cp.async in chunks of
+// CHUNK columns (a per-warp ring of NS stages). When there are too few tiles to fill the GPU evenly, the CTA's W
+// warps (4, 8, 12 or 16, below) split the columns of a tile (ks warps per tile) and add their partial rows through
+// shared memory. Launched with programmatic dependent launch: a CTA of a
 // plain matrix issues its first weight loads before waiting for the previous kernel. Results: bench/kernels.md.
 namespace v6 {
 
