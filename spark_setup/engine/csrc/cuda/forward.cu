@@ -674,30 +674,33 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
     // Each warp loads kAttnRows of its rows (i0, i0 + kAttnWarps, ...) before using any (a row at a time left each
     // warp waiting on one memory latency per row: 85 us a layer at 2k context, run 43); the arithmetic and its order
     // per row are unchanged.
-    auto load_rows = [&](int i0, float (&rv)[kAttnRows][kMaxLaneVals]) {
+    // each_row(f): f(i, this lane's values of row i) for every row of this warp, in batches of kAttnRows rows
+    auto each_row = [&](auto &&f) {
+        for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kAttnRows) {
+            float rv[kAttnRows][kMaxLaneVals];
 #pragma unroll
-        for (int u = 0; u < kAttnRows; u++) {
-            const int i = i0 + u * kAttnWarps;
-            const float *r = i < n_all ? row_ptr(i) : nullptr;
+            for (int u = 0; u < kAttnRows; u++) {
+                const int i = i0 + u * kAttnWarps;
+                const float *r = i < n_all ? row_ptr(i) : nullptr;
 #pragma unroll
-            for (int j = 0; j < kMaxLaneVals; j++) rv[u][j] = r && j < nj ? r[lane + 32 * j] : 0.0f;
+                for (int j = 0; j < kMaxLaneVals; j++) rv[u][j] = r && j < nj ? r[lane + 32 * j] : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < kAttnRows; u++) {
+                const int i = i0 + u * kAttnWarps;
+                if (i >= n_all) break;
+                f(i, rv[u]);
+            }
         }
     };
-    for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kAttnRows) {
-        float rv[kAttnRows][kMaxLaneVals];
-        load_rows(i0, rv);
+    each_row([&](int i, const float (&r)[kMaxLaneVals]) {
+        float dot = 0.0f;
 #pragma unroll
-        for (int u = 0; u < kAttnRows; u++) {
-            const int i = i0 + u * kAttnWarps;
-            if (i >= n_all) break;
-            float dot = 0.0f;
-#pragma unroll
-            for (int j = 0; j < kMaxLaneVals; j++)
-                if (j < nj) dot += qv[j] * rv[u][j];
-            dot = warp_sum_t(dot);
-            if (lane == 0) probs[i] = dot * scale;
-        }
-    }
+        for (int j = 0; j < kMaxLaneVals; j++)
+            if (j < nj) dot += qv[j] * r[j];
+        dot = warp_sum_t(dot);
+        if (lane == 0) probs[i] = dot * scale;
+    });
     __syncthreads();
     const float sink = sinks[h];
     float mx = sink;
@@ -714,19 +717,12 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
     float acc[kMaxLaneVals];
 #pragma unroll
     for (int j = 0; j < kMaxLaneVals; j++) acc[j] = 0.0f;
-    for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kAttnRows) {
-        float rv[kAttnRows][kMaxLaneVals];
-        load_rows(i0, rv);
+    each_row([&](int i, const float (&r)[kMaxLaneVals]) {
+        const float pr = probs[i] * inv;
 #pragma unroll
-        for (int u = 0; u < kAttnRows; u++) {
-            const int i = i0 + u * kAttnWarps;
-            if (i >= n_all) break;
-            const float pr = probs[i] * inv;
-#pragma unroll
-            for (int j = 0; j < kMaxLaneVals; j++)
-                if (j < nj) acc[j] += pr * rv[u][j];
-        }
-    }
+        for (int j = 0; j < kMaxLaneVals; j++)
+            if (j < nj) acc[j] += pr * r[j];
+    });
 #pragma unroll
     for (int j = 0; j < kMaxLaneVals; j++)
         if (j < nj) part[warp * hd + lane + 32 * j] = acc[j];
