@@ -76,17 +76,17 @@ struct ExpertMatvec {
     // The caller's promise that d_ids was complete before the previous launch on the stream began (written by an
     // earlier kernel with a plain, fully ordered launch in between, or by the host): the launch may then read the
     // ids and start streaming the weights before waiting for that previous kernel (v6; x is still read after the
-    // wait). The forward pass sets it for the down projections: the router ran before gate+up, and the SwiGLU
-    // kernel between gate+up and down is a plain launch.
+    // wait). The forward pass sets it for the down projections (the router ran before gate+up, and the SwiGLU
+    // kernel between gate+up and down is a plain launch) and for its grouped and paired matvecs (ids == nullptr).
     bool ids_settled = false;
 };
 void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
 // Kernel version used by cuda_matvec / cuda_matvec_experts for quant types: 0 = per type (v6, the tensor-core
 // decode, for Q8_0 / Q2_K / IQ2_XXS, in CTAs of 4 warps (v9: plain Q8_0 matrices that need no column split), 8
 // (other Q8_0; everything where a CTA's shared memory is ~100 KB), 12 (Q2_K, IQ2_XXS) or 16 warps, the first that
-// fits; v2 for Q4_K), 1..7 or 9 forces one (1 = warp per row, the benchmark's baseline; 6 = the same choice as 0 for
-// v6's types; 7 = v6's 8-warp configuration; 9 = its 4-warp one; shapes or types a version does not take fall back
-// to v2). Not thread-safe.
+// fits; v2 for Q4_K), 1..7 or 9 forces one (1 = warp per row, the benchmark's baseline; 6 = v6's 16-warp
+// configuration, 8 warps where it does not fit; 7 = its 8-warp one; 9 = its 4-warp one; shapes or types a version
+// does not take fall back to v2). Not thread-safe.
 void cuda_set_matvec_version(int v);
 // Benchmark diagnosis of v6 only (results are wrong on purpose), bits: 1 = skip the decode, 2 = skip the weight
 // loads, 4 = expert ids 0, 1, 2, ... instead of reading them, 8 = skip the x conversion; 0 = normal. bench_matvec

@@ -23,8 +23,8 @@
 // 16 + 4c .., so that its quant loads hit 32 banks). Tiles are streamed global -> shared with cp.async in chunks of
 // CHUNK columns (a per-warp ring of NS stages). When there are too few tiles to fill the GPU evenly, the CTA's W
 // warps (4, 8, 12 or 16, below) split the columns of a tile (ks warps per tile) and add their partial rows through
-// shared memory. Launched with programmatic dependent launch: a CTA of a
-// plain matrix issues its first weight loads before waiting for the previous kernel. Results: bench/kernels.md.
+// shared memory. Launched with programmatic dependent launch: a CTA of a plain matrix, or of expert rows whose ids
+// are settled, issues its first weight loads before waiting for the previous kernel. Results: bench/kernels.md.
 namespace v6 {
 
 __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }

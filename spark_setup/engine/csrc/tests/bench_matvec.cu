@@ -272,7 +272,6 @@ double read_graph_us(const std::vector<size_t> &sizes, ReadLaunch how, int reps,
     return us;
 }
 
-
 // Fills the derived fields of a row.
 Row make_row(std::string name, std::string type, std::string shape, int ver, double bytes, double us, double gus,
              double err, double copy) {
