@@ -444,17 +444,44 @@ __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(R
     // (rows are 16-byte multiples, so the span stays inside the row) into a stage row of SR bytes; the chunk's
     // data then starts 0 or 8 bytes into it.
     constexpr int UPR = D::SR / 16;  // 16-byte units per stage row
+    // Lane l copies units t = l + 32 i of a chunk (row t / UPR, unit t % UPR): a warp's instruction covers 512
+    // contiguous stage bytes, about two rows' contiguous spans (run 57: giving each instruction 8 rows' 64 bytes
+    // instead cost a fifth of the Q8_0 bandwidth). A whole chunk of 16 rows, the common case, takes the lane's source
+    // offsets worked out once (uoff) and the tile's address once per tile; the last chunk of a row or tile takes the
+    // general loop. (The general loop for every chunk cost ~250 instructions a chunk: ~8 per IQ2_XXS mma, ~30 per
+    // Q8_0 one.)
+    constexpr int NU = (16 * UPR + 31) / 32;  // units per lane in a whole chunk
+    uint32_t uoff[NU];                        // r * rb + 16 o (16 rows of a matrix span < 2^32 bytes here)
+#pragma unroll
+    for (int i = 0; i < NU; i++) {
+        const int t = lane + 32 * i, r = t / UPR;
+        uoff[i] = (uint32_t)r * (uint32_t)rb + 16u * (uint32_t)(t - r * UPR);
+    }
+    int pu = -1;                     // the unit whose tile address is below
+    const uint8_t *psrc = nullptr;
+    int pnrows = 0;
     auto issue = [&](int u, int k, int st) {
         const int tile = (R0 + u) * tpr + grp;
         if (u < U && tile < n_tiles && !(diag & 2)) {
+            if (u != pu) {
+                pu = u;
+                psrc = tile_ptr(rows, tile, ids);
+                pnrows = min(16, total_rows - tile * 16);
+            }
             const int off = (ch0 + k) * D::DB, a0 = off & ~15;
             const int bytes = ((min(off + D::DB, (int)rb) + 15) & ~15) - a0;
-            const int nrows = min(16, total_rows - tile * 16);
-            const uint8_t *src = tile_ptr(rows, tile, ids) + a0;
+            const uint8_t *src = psrc + a0;
             uint8_t *dst = stage + st * L::kStage;
-            for (int t = lane; t < 16 * UPR; t += 32) {
-                const int r = t / UPR, o = t - r * UPR;
-                if (r < nrows && 16 * o < bytes) cp_async16(dst + r * D::SR + 16 * o, src + (size_t)r * rb + 16 * o);
+            if (bytes == D::SR && pnrows == 16) {
+#pragma unroll
+                for (int i = 0; i < NU; i++)
+                    if (32 * i + 32 <= 16 * UPR || lane + 32 * i < 16 * UPR)
+                        cp_async16(dst + 16 * (lane + 32 * i), src + uoff[i]);
+            } else {
+                for (int t = lane; t < 16 * UPR; t += 32) {
+                    const int r = t / UPR, o = t - r * UPR;
+                    if (r < pnrows && 16 * o < bytes) cp_async16(dst + r * D::SR + 16 * o, src + (size_t)r * rb + 16 * o);
+                }
             }
         }
         cp_async_commit();
