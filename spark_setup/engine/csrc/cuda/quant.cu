@@ -788,14 +788,18 @@ void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
         // session 5, now the last resort), 7 = 8 warps (a GB10 has ~99 KB per block), 9 = 4 warps.
         // v9: 4 warps, several CTAs per SM, plain Q8_0 matrices that need no column split (attn_q_b, the output
         // head: runs 34-38, attn_q_b 76-77% of copy against v6's 70-71%, the output head within the run-to-run
-        // spread of v6's)
+        // spread of v6's); since the cheaper chunk copy (aaf6841) it comes after 16 warps, where those fit
         const bool by_shape = ver == 6 && g_matvec_version == 0;
         auto v9 = [&] {
             if constexpr (T == DS4_TYPE_Q8_0 && Rows::kConstWeights) return v6::launch<T, 4>(rows, total, n_cols, s);
             return false;
         };
-        // Q8_0 takes the 8-warp configuration before the 16-warp one (two CTAs per SM on an H200; run 49: attn_output_a
-        // 73% of copy against 70%, grouped as the forward pass runs it 68% against 61%, the output head within a point).
+        // Plain Q8_0 matrices take 16 warps first: with the cheaper chunk copy (aaf6841) they lead in every run of
+        // run 65 (three rounds of every version on the same weights): attn_output_b 71-72% of copy against 68-69%
+        // for 8 warps, the output head 87% against 86%, attn_q_b 76-77% against v9's 75-77%, attn_output_a and the
+        // shared expert equal. Expert-row Q8_0 (the forward pass's grouped attn_output_a and its pairs) keeps 8 warps
+        // first (two CTAs per SM on an H200; run 65: grouped 70-72% against 68-69%; run 49 before: 68% against 61%).
+        // Where 16 warps do not fit (a GB10), plain matrices take v9, then 8 warps, as before.
         // The 2-bit types try 12 warps first: a layer's 6 routed experts are 1536 tiles of 16 rows, and 132 CTAs of 12
         // warps take one whole tile per warp, with no column split (run 51: down 12.6 -> 10.8 us, gate+up 20.8 -> 20.3;
         // 16 warps needed a 4-way split, three rounds per CTA, and the reductions between them)
@@ -805,7 +809,8 @@ void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
             if constexpr (T == DS4_TYPE_Q8_0) return false;
             else return v6::launch<T, 12>(rows, total, n_cols, s) || v6_16() || v6_8();
         };
-        if (AL && by_shape && (v9() || (T == DS4_TYPE_Q8_0 ? v6_8() || v6_16() : v6_2bit()))) return;
+        auto v6_q8 = [&] { return Rows::kConstWeights ? v6_16() || v9() || v6_8() : v6_8() || v6_16(); };
+        if (AL && by_shape && (T == DS4_TYPE_Q8_0 ? v6_q8() : v6_2bit())) return;
         if (AL && ver == 6 && !by_shape && (v6_16() || v6_8())) return;
         if (AL && ver == 7 && v6_8()) return;
         if (AL && ver == 9 && v9()) return;
