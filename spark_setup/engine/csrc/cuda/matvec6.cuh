@@ -30,8 +30,9 @@ namespace v6 {
 __host__ __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Warps per CTA (W, a template parameter): 16 (one CTA per SM: 4 warps per scheduler hide the mma and shared-memory
-// latency; 150-210 KB of shared memory); 12 for the 2-bit types first (a layer's 1536 routed-expert tiles: one per
-// warp in 132 CTAs, no column split); 8 ("v7"; two CTAs per SM on an H200, tried first for Q8_0; the configuration
+// latency; 150-210 KB of shared memory; tried first for plain Q8_0 matrices since run 66); 12 for the 2-bit types
+// first (a layer's 1536 routed-expert tiles: one per warp in 132 CTAs, no column split); 8 ("v7"; two CTAs per SM on
+// an H200, tried first for expert-row Q8_0, the forward pass's grouped and paired matvecs; the configuration
 // of devices with ~100 KB per block, GB10): Q8_0 up to 4096 columns takes ~88 KB, the Q2_K down projections ~86 KB
 // and IQ2_XXS ~80 KB (half-size chunks and tables, M6<IQ2_XXS, 8>); 4 ("v9", plain Q8_0 only, 35-70 KB): 3-5 CTAs
 // per SM, so that in a chain of launches the next one's CTAs take over an SM a CTA at a time instead of all at once
