@@ -84,9 +84,9 @@ void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
 // Kernel version used by cuda_matvec / cuda_matvec_experts for quant types: 0 = per type (v6, the tensor-core
 // decode, for Q8_0 / Q2_K / IQ2_XXS, in the first configuration that fits: plain Q8_0 matrices 16 warps per CTA,
 // then 4 (v9, where no column split is needed), then 8; expert-row Q8_0 8, then 16; Q2_K and IQ2_XXS 12, 16, then
-// 8 (8 is what fits where a CTA's shared memory is ~100 KB); v2 for Q4_K), 1..7 or 9 forces one (1 = warp per row, the benchmark's baseline; 6 = v6's 16-warp
-// configuration, 8 warps where it does not fit; 7 = its 8-warp one; 9 = its 4-warp one; shapes or types a version
-// does not take fall back to v2). Not thread-safe.
+// 8 (8 is what fits where a CTA's shared memory is ~100 KB); v2 for Q4_K), 1..7 or 9 forces one (1 = warp per row,
+// the benchmark's baseline; 6 = v6's 16-warp configuration, 8 warps where it does not fit; 7 = its 8-warp one; 9 =
+// its 4-warp one; shapes or types a version does not take fall back to v2). Not thread-safe.
 void cuda_set_matvec_version(int v);
 // Benchmark diagnosis of v6 only (results are wrong on purpose), bits: 1 = skip the decode, 2 = skip the weight
 // loads, 4 = expert ids 0, 1, 2, ... instead of reading them, 8 = skip the x conversion; 0 = normal. bench_matvec

@@ -785,7 +785,8 @@ void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     if constexpr (T == DS4_TYPE_Q8_0 || T == DS4_TYPE_Q2_K || T == DS4_TYPE_IQ2_XXS) {
         // The default (version 0) runs v6 in the configuration that fits the shape, below. Forced versions test one
         // configuration each: 6 = 16 warps per CTA (8 where the shared memory does not allow it; the default before
-        // session 5, now the last resort), 7 = 8 warps (a GB10 has ~99 KB per block), 9 = 4 warps.
+        // session 5, again the first choice for plain Q8_0 since run 66), 7 = 8 warps (a GB10 has ~99 KB per block),
+        // 9 = 4 warps.
         // v9: 4 warps, several CTAs per SM, plain Q8_0 matrices that need no column split (attn_q_b, the output
         // head: runs 34-38, attn_q_b 76-77% of copy against v6's 70-71%, the output head within the run-to-run
         // spread of v6's); since the cheaper chunk copy (aaf6841) it comes after 16 warps, where those fit
@@ -794,7 +795,7 @@ void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
             if constexpr (T == DS4_TYPE_Q8_0 && Rows::kConstWeights) return v6::launch<T, 4>(rows, total, n_cols, s);
             return false;
         };
-        // Plain Q8_0 matrices take 16 warps first: with the cheaper chunk copy (aaf6841) they lead in every run of
+        // Plain Q8_0 matrices take 16 warps first: with the cheaper chunk copy (aaf6841) they lead in every round of
         // run 65 (three rounds of every version on the same weights): attn_output_b 71-72% of copy against 68-69%
         // for 8 warps, the output head 87% against 86%, attn_q_b 76-77% against v9's 75-77%, attn_output_a and the
         // shared expert equal. Expert-row Q8_0 (the forward pass's grouped attn_output_a and its pairs) keeps 8 warps
