@@ -644,8 +644,8 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     const int slots = (int)std::min<int64_t>(kMaxSlots, slots_for(grid));
     if (slots_for(grid) > kMaxSlots) return false;
     const int smem = L::smem(K, slots, L::red_bytes(ks, (int)((rounds + grid - 1) / grid)));
-    // W = 16: 150-210 KB per CTA, fits an H100/H200 (227 KB per block); a GB10 (sm_121) allows about 99 KB, where
-    // the caller tries W = 8 next and then v2 (Q8_0 with 8192 columns)
+    // W = 12 or 16: 150-210 KB per CTA, fits an H100/H200 (227 KB per block); a GB10 (sm_121) allows about 99 KB,
+    // where the caller goes on to the smaller configurations (launch_q's order) and then v2 (Q8_0 with 8192 columns)
     static const int smem_max = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
     if (smem + kIdsBytes<Rows> > smem_max) return false;
     static int smem_set = 0;
