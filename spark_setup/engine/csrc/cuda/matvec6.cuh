@@ -277,70 +277,88 @@ __device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {
 // few warps does not wait one L2 latency per piece (8 warps, 4096 columns: two pieces a warp).
 // PERM: within each 32 columns, stored bytes 8c .. 8c + 3 hold columns 4c .. 4c + 3 and bytes 8c + 4 .. 8c + 7 columns
 // 16 + 4c .. 16 + 4c + 3 (the mma's k order, M6<Q8_0>), so that a lane's B fragment stays one 8-byte load.
+template <int W>
+constexpr int kXB = W >= 12 ? 2 : 4;  // x pieces of 256 columns a warp loads at once
+
+// One round of convert_x, split in two so that a caller can issue other loads between them: load_x reads this
+// warp's pieces (zeros past K), store_x converts them.
+template <int W>
+__device__ __forceinline__ void load_x(const float *x, int K, int base, float (&v)[kXB<W>][8]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int j = 0; j < kXB<W>; j++) {
+        const int i0 = base + j * W * 256 + 8 * lane;
+        float4 a = make_float4(0, 0, 0, 0), b = a;
+        if (i0 < K) a = ldx4(x + i0), b = ldx4(x + i0 + 4);
+        v[j][0] = a.x, v[j][1] = a.y, v[j][2] = a.z, v[j][3] = a.w;
+        v[j][4] = b.x, v[j][5] = b.y, v[j][6] = b.z, v[j][7] = b.w;
+    }
+}
+
+template <int XG, bool SX, int W, bool PERM>
+__device__ __forceinline__ void store_x(const float (&v)[kXB<W>][8], int K, int base, int ps, uint8_t *dig, float *xs,
+                                        float *sx) {
+    constexpr int XB = kXB<W>;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int j = 0; j < XB; j++) {
+        const int i0 = base + j * W * 256 + 8 * lane;
+        const bool ok = i0 < K;  // K is a multiple of 32: a group of 4 lanes is all in or all out
+        float m = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[j][e]));
+#pragma unroll
+        for (int o = 1; o < XG / 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        // m < 2^(E-126); inv = 2^(156-E) puts |x| * inv below 2^30; both powers of two, so x * inv is exact
+        const int E = max((int)((__float_as_uint(m) >> 23) & 0xff), 30);
+        const float inv = __uint_as_float((uint32_t)(283 - E) << 23), scale = __uint_as_float((uint32_t)(E - 29) << 23);
+        // Balanced base-256 digits without a digit loop: adding 0x80808080 (|X| < 2^30 keeps it in 32 bits) makes
+        // the bytes of X + C unsigned digits u with X = sum (u_p - 128) 256^p, and u - 128 is u XOR 0x80 read as a
+        // signed byte; the only balanced digits are these. Four values' bytes then go to the four planes by PRMT.
+        uint32_t u[8], w[4][2];
+#pragma unroll
+        for (int e = 0; e < 8; e++) u[e] = ((uint32_t)__float2int_rn(v[j][e] * inv) + 0x80808080u) ^ 0x80808080u;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const uint32_t *q = u + 4 * h;
+            const uint32_t lo01 = prmt(q[0], q[1], 0x5140), hi01 = prmt(q[0], q[1], 0x7362);
+            const uint32_t lo23 = prmt(q[2], q[3], 0x5140), hi23 = prmt(q[2], q[3], 0x7362);
+            w[3][h] = prmt(lo01, lo23, 0x5410);  // bytes 0 (plane 3: the least significant digit)
+            w[2][h] = prmt(lo01, lo23, 0x7632);  // bytes 1
+            w[1][h] = prmt(hi01, hi23, 0x5410);  // bytes 2
+            w[0][h] = prmt(hi01, hi23, 0x7632);  // bytes 3
+        }
+        if (ok) {
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                uint8_t *d = dig + (size_t)p * ps + i0;
+                if (PERM) {  // this lane's columns 8L .. 8L + 7 of its 32 (L = lane mod 4): bytes 16 (L & 1) + 4 (L >> 1)
+                    const int L = lane & 3;  // and 8 further
+                    d += 16 * (L & 1) + 4 * (L >> 1) - 8 * L;
+                    *reinterpret_cast<uint32_t *>(d) = w[p][0];
+                    *reinterpret_cast<uint32_t *>(d + 8) = w[p][1];
+                } else {
+                    *reinterpret_cast<uint2 *>(d) = make_uint2(w[p][0], w[p][1]);
+                }
+            }
+            if ((lane & (XG / 8 - 1)) == 0) xs[i0 / XG] = scale;
+        }
+        if (SX) {
+            const float *f = v[j];
+            float sm = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+            sm += __shfl_xor_sync(0xffffffffu, sm, 1);
+            if (ok && (lane & 1) == 0) sx[i0 / 16] = sm;
+        }
+    }
+}
+
 template <int XG, bool SX, int W, bool PERM>
 __device__ void convert_x(const float *x, int K, int ps, uint8_t *dig, float *xs, float *sx) {
-    constexpr int XB = W >= 12 ? 2 : 4;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int base = warp * 256; base < K; base += XB * W * 256) {
-        float v[XB][8];
-#pragma unroll
-        for (int j = 0; j < XB; j++) {
-            const int i0 = base + j * W * 256 + 8 * lane;
-            float4 a = make_float4(0, 0, 0, 0), b = a;
-            if (i0 < K) a = ldx4(x + i0), b = ldx4(x + i0 + 4);
-            v[j][0] = a.x, v[j][1] = a.y, v[j][2] = a.z, v[j][3] = a.w;
-            v[j][4] = b.x, v[j][5] = b.y, v[j][6] = b.z, v[j][7] = b.w;
-        }
-#pragma unroll
-        for (int j = 0; j < XB; j++) {
-            const int i0 = base + j * W * 256 + 8 * lane;
-            const bool ok = i0 < K;  // K is a multiple of 32: a group of 4 lanes is all in or all out
-            float m = 0.0f;
-#pragma unroll
-            for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[j][e]));
-#pragma unroll
-            for (int o = 1; o < XG / 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-            // m < 2^(E-126); inv = 2^(156-E) puts |x| * inv below 2^30; both powers of two, so x * inv is exact
-            const int E = max((int)((__float_as_uint(m) >> 23) & 0xff), 30);
-            const float inv = __uint_as_float((uint32_t)(283 - E) << 23), scale = __uint_as_float((uint32_t)(E - 29) << 23);
-            // Balanced base-256 digits without a digit loop: adding 0x80808080 (|X| < 2^30 keeps it in 32 bits) makes
-            // the bytes of X + C unsigned digits u with X = sum (u_p - 128) 256^p, and u - 128 is u XOR 0x80 read as a
-            // signed byte; the only balanced digits are these. Four values' bytes then go to the four planes by PRMT.
-            uint32_t u[8], w[4][2];
-#pragma unroll
-            for (int e = 0; e < 8; e++) u[e] = ((uint32_t)__float2int_rn(v[j][e] * inv) + 0x80808080u) ^ 0x80808080u;
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const uint32_t *q = u + 4 * h;
-                const uint32_t lo01 = prmt(q[0], q[1], 0x5140), hi01 = prmt(q[0], q[1], 0x7362);
-                const uint32_t lo23 = prmt(q[2], q[3], 0x5140), hi23 = prmt(q[2], q[3], 0x7362);
-                w[3][h] = prmt(lo01, lo23, 0x5410);  // bytes 0 (plane 3: the least significant digit)
-                w[2][h] = prmt(lo01, lo23, 0x7632);  // bytes 1
-                w[1][h] = prmt(hi01, hi23, 0x5410);  // bytes 2
-                w[0][h] = prmt(hi01, hi23, 0x7632);  // bytes 3
-            }
-            if (ok) {
-#pragma unroll
-                for (int p = 0; p < 4; p++) {
-                    uint8_t *d = dig + (size_t)p * ps + i0;
-                    if (PERM) {  // this lane's columns 8L .. 8L + 7 of its 32 (L = lane mod 4): bytes 16 (L & 1) + 4 (L >> 1)
-                        const int L = lane & 3;  // and 8 further
-                        d += 16 * (L & 1) + 4 * (L >> 1) - 8 * L;
-                        *reinterpret_cast<uint32_t *>(d) = w[p][0];
-                        *reinterpret_cast<uint32_t *>(d + 8) = w[p][1];
-                    } else {
-                        *reinterpret_cast<uint2 *>(d) = make_uint2(w[p][0], w[p][1]);
-                    }
-                }
-                if ((lane & (XG / 8 - 1)) == 0) xs[i0 / XG] = scale;
-            }
-            if (SX) {
-                const float *f = v[j];
-                float sm = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
-                sm += __shfl_xor_sync(0xffffffffu, sm, 1);
-                if (ok && (lane & 1) == 0) sx[i0 / 16] = sm;
-            }
-        }
+    const int warp = threadIdx.x >> 5;
+    for (int base = warp * 256; base < K; base += kXB<W> * W * 256) {
+        float v[kXB<W>][8];
+        load_x<W>(x, K, base, v);
+        store_x<XG, SX, W, PERM>(v, K, base, ps, dig, xs, sx);
     }
 }
 
@@ -392,7 +410,14 @@ struct Layout {
     __host__ __device__ static int smem(int K, int slots, int red) { return kStages + kLut + (red + 15) / 16 * 16 + slots * slot_bytes(K); }
 };
 
-template <int T, class Rows, int W>
+// XF ("x first"): when a CTA reads one x vector of at most kXB * W * 256 columns and waits for the previous kernel
+// before its first weight load (expert rows whose ids are not settled: the routed experts), x's loads go out right
+// after that wait, beside the ids' and ahead of the first ring stage, instead of queueing behind that stage's weight
+// loads (ncu, run 69: 8% of the gate+up launch's stall samples on the first use of x; run 71: gate+up 19.2 -> 18.2 us,
+// the Q2_K down launch unchanged). A CTA that issues weight loads before the wait gains nothing from it: x is already
+// the first load after the wait (run 70, plain Q8_0: issuing any ring stage after the x loads instead of before the
+// wait cost 2-12%).
+template <int T, class Rows, int W, bool XF>
 __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
     using D = M6<T, W>;
     using L = Layout<T, W>;
@@ -420,22 +445,36 @@ __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(R
     const int U = R1 - R0;
 
     // the x vectors this CTA reads (keys grow with the row): converted once into shared memory
-    int kfirst = 0;
+    int kfirst = 0, klast = -1;
+    if (U > 0) {
+        kfirst = x_key(rows, R0 * tpr * 16);
+        klast = x_key(rows, (min(R1 * tpr, n_tiles) - 1) * 16);
+    }
+    const bool early = early_loads(rows);
+    const bool xsplit = XF && !early && klast == kfirst && K <= kXB<W> * W * 256 && !(diag & 8);
+    float xv[kXB<W>][8];
+    auto xload = [&] {
+        if (xsplit) load_x<W>(x_of(rows, kfirst), K, warp * 256, xv);
+    };
     auto convert_all = [&] {
-        if (U <= 0) return;
-        const int t0 = R0 * tpr, t1 = min(R1 * tpr, n_tiles) - 1;
-        kfirst = x_key(rows, t0 * 16);
-        const int klast = x_key(rows, t1 * 16);
+        if (xsplit) {
+            store_x<D::XG, D::SX, W, D::PERM>(xv, K, warp * 256, L::plane(K), xslots,
+                                              reinterpret_cast<float *>(xslots + L::xs_off(K)),
+                                              reinterpret_cast<float *>(xslots + L::sx_off(K)));
+            return;
+        }
         for (int k = kfirst; k <= klast && k - kfirst < kMaxSlots && !(diag & 8); k++) {
             uint8_t *sl8 = xslots + (k - kfirst) * sb;
             convert_x<D::XG, D::SX, W, D::PERM>(x_of(rows, k), K, L::plane(K), sl8, reinterpret_cast<float *>(sl8 + L::xs_off(K)),
                                        reinterpret_cast<float *>(sl8 + L::sx_off(K)));
         }
     };
-    const bool early = early_loads(rows);
     if (!Rows::kConstWeights) {  // expert rows: the weight addresses come from the router's ids
         if (D::LUT) build_iq2_lut<W, kLC>(lut);  // needs nothing of the previous kernel: overlaps its tail
-        if (!early) pdl_wait();
+        if (!early) {
+            pdl_wait();
+            xload();
+        }
         for (int i = threadIdx.x; i < n_ids(rows); i += blockDim.x) ids[i] = (diag & 4) || !ids_of(rows) ? i : ids_of(rows)[i];
         __syncthreads();
     }
@@ -590,7 +629,7 @@ bool tiles_ok(const ExpertRows &r, int64_t total) {  // keys must grow with the 
 int64_t key_span_rows(const PlainRows &) { return INT64_MAX; }
 int64_t key_span_rows(const ExpertRows &r) { return r.x_stride ? r.n_rows : INT64_MAX; }
 
-template <int T, int W, class Rows>
+template <int T, int W, class Rows, bool XF = false>
 bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     using D = M6<T, W>;
     using L = Layout<T, W>;
@@ -600,7 +639,7 @@ bool launch(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
     const int64_t n_tiles = (total + 15) / 16;
     const int nch = (K + D::CHUNK - 1) / D::CHUNK;
     const int64_t span = key_span_rows(rows);
-    auto kernel = matvec6<T, Rows, W>;
+    auto kernel = matvec6<T, Rows, W, XF>;
 
     // CTAs per SM: as many as the shared memory holds (16 warps: one; 8 warps: two on an H200, one on a GB10; 4 warps,
     // v9: 3-5). Where several fit, the next launch's CTAs start in the free slots as this one's finish.

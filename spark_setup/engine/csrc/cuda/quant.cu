@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "check.cuh"
 #include "common.h"
@@ -804,11 +805,22 @@ void launch_q(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
         // The 2-bit types try 12 warps first: a layer's 6 routed experts are 1536 tiles of 16 rows, and 132 CTAs of 12
         // warps take one whole tile per warp, with no column split (run 51: down 12.6 -> 10.8 us, gate+up 20.8 -> 20.3;
         // 16 warps needed a 4-way split, three rounds per CTA, and the reductions between them)
-        auto v6_16 = [&] { return v6::launch<T, 16>(rows, total, n_cols, s); };
-        auto v6_8 = [&] { return v6::launch<T, 8>(rows, total, n_cols, s); };
+        // The 2-bit types load x first (matvec6's XF; run 70); DS4_V6_XF=0 turns that off, for A/B runs only.
+        static const bool x_first = [] {
+            const char *e = std::getenv("DS4_V6_XF");
+            return !e || std::atoi(e) != 0;
+        }();
+        auto v6_w = [&](auto w) {
+            constexpr int W = decltype(w)::value;
+            if constexpr (T != DS4_TYPE_Q8_0)
+                if (x_first) return v6::launch<T, W, Rows, true>(rows, total, n_cols, s);
+            return v6::launch<T, W, Rows, false>(rows, total, n_cols, s);
+        };
+        auto v6_16 = [&] { return v6_w(std::integral_constant<int, 16>{}); };
+        auto v6_8 = [&] { return v6_w(std::integral_constant<int, 8>{}); };
         auto v6_2bit = [&] {
             if constexpr (T == DS4_TYPE_Q8_0) return false;
-            else return v6::launch<T, 12>(rows, total, n_cols, s) || v6_16() || v6_8();
+            else return v6_w(std::integral_constant<int, 12>{}) || v6_16() || v6_8();
         };
         auto v6_q8 = [&] { return Rows::kConstWeights ? v6_16() || v9() || v6_8() : v6_8() || v6_16(); };
         if (AL && by_shape && (T == DS4_TYPE_Q8_0 ? v6_q8() : v6_2bit())) return;
