@@ -50,3 +50,9 @@ def test_not_an_ncu_source_page_is_one_line_error(tmp_path):
     r = run(f)
     assert r.returncode != 0
     assert "no 'Address' header row" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_file_is_one_line_error(tmp_path):
+    r = run(tmp_path / "absent.csv")
+    assert r.returncode != 0
+    assert "cannot read" in r.stderr and "Traceback" not in r.stderr

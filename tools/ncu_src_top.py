@@ -20,8 +20,11 @@ def main(argv=None):
     ap.add_argument("csv", help="ncu --page source --csv --print-source sass output")
     ap.add_argument("--top", type=int, default=30, help="instructions to list (default 30)")
     a = ap.parse_args(argv)
-    with open(a.csv, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(a.csv, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        sys.exit(f"ncu_src_top: cannot read {a.csv}: {e}")
     hi = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), None)
     if hi is None:
         sys.exit(f"ncu_src_top: {a.csv}: no 'Address' header row (not an ncu source-page CSV?)")

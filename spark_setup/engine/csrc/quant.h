@@ -91,7 +91,8 @@ void cuda_set_matvec_version(int v);
 // Benchmark diagnosis of v6 only (results are wrong on purpose), bits: 1 = skip the decode, 2 = skip the weight
 // loads, 4 = expert ids 0, 1, 2, ... instead of reading them, 8 = skip the x conversion; 0 = normal. bench_matvec
 // sets it from DS4_V6_DIAG. Not thread-safe. (The environment variable DS4_V6_KS = 1, 2, 4, 8 or 16, read once,
-// forces v6's column split instead of its own choice: diagnosis too.)
+// forces v6's column split instead of its own choice: diagnosis too; DS4_V6_XF=0 turns off the 2-bit expert launches'
+// early x loads, for A/B runs.)
 void cuda_set_matvec_diag(int d);
 // Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,
 // copies y back, synchronizes. Throws ds4::Error(DS4_E_BACKEND) on a CUDA error or when no device is present.

@@ -417,10 +417,10 @@ struct Layout {
 // XF ("x first"): when a CTA reads one x vector of at most kXB * W * 256 columns and waits for the previous kernel
 // before its first weight load (expert rows whose ids are not settled: the routed experts), x's loads go out right
 // after that wait, beside the ids' and ahead of the first ring stage, instead of queueing behind that stage's weight
-// loads (ncu, run 69: 8% of the gate+up launch's stall samples on the first use of x; run 71: gate+up 19.2 -> 18.2 us,
-// the Q2_K down launch unchanged). A CTA that issues weight loads before the wait gains nothing from it: x is already
-// the first load after the wait (run 70, plain Q8_0: issuing any ring stage after the x loads instead of before the
-// wait cost 2-12%).
+// loads (ncu, run 69: 8% of the gate+up launch's stall samples on the first use of x; run 71: gate+up 19.2 -> 18.2 us).
+// A CTA that issues weight loads before the wait is left as it was, x already being the first load after the wait:
+// plain matrices, and the Q2_K down projections, whose ids are settled (runs 70 and 73: issuing any ring stage after
+// the x loads instead of before the wait cost 2-14%).
 template <int T, class Rows, int W, bool XF>
 __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(Rows rows, int total_rows, int K, int ks, int rounds, int diag) {
     using D = M6<T, W>;
