@@ -264,16 +264,27 @@ struct Iq2Lut {
 __device__ Iq2Lut g_iq2_lut{};
 
 // LC copies: lut[LC i + l] = word i. Each 16-byte store writes four copies of one word (LC is a multiple of 4), a
-// warp's store 512 consecutive bytes; the loads of a thread's words go out together before its stores.
+// warp's store 512 consecutive bytes. Split in two, so that a caller can put other work between the loads (a thread's
+// words, all issued together) and the stores, which wait for them.
+template <int W, int LC>
+constexpr int kLutR = (256 + 128) * LC / 4 / (32 * W);  // 16-byte stores per thread
+template <int W, int LC>
+__device__ __forceinline__ void load_iq2_lut(uint32_t (&w)[kLutR<W, LC>]) {
+    static_assert(LC % 4 == 0 && (256 + 128) * LC / 4 % (32 * W) == 0, "LUT build: whole rounds");
+#pragma unroll
+    for (int k = 0; k < kLutR<W, LC>; k++) w[k] = g_iq2_lut.w[4u * (threadIdx.x + k * 32u * W) / LC];
+}
+template <int W, int LC>
+__device__ __forceinline__ void store_iq2_lut(uint32_t *lut, const uint32_t (&w)[kLutR<W, LC>]) {
+#pragma unroll
+    for (int k = 0; k < kLutR<W, LC>; k++)
+        reinterpret_cast<uint4 *>(lut)[threadIdx.x + k * 32 * W] = make_uint4(w[k], w[k], w[k], w[k]);
+}
 template <int W, int LC>
 __device__ __forceinline__ void build_iq2_lut(uint32_t *lut) {
-    constexpr int NV = (256 + 128) * LC / 4, R = NV / (32 * W);  // 16-byte stores; rounds of the CTA
-    static_assert(LC % 4 == 0 && NV % (32 * W) == 0, "LUT build: whole rounds");
-    uint32_t w[R];
-#pragma unroll
-    for (int k = 0; k < R; k++) w[k] = g_iq2_lut.w[4 * ((int)threadIdx.x + k * 32 * W) / LC];
-#pragma unroll
-    for (int k = 0; k < R; k++) reinterpret_cast<uint4 *>(lut)[threadIdx.x + k * 32 * W] = make_uint4(w[k], w[k], w[k], w[k]);
+    uint32_t w[kLutR<W, LC>];
+    load_iq2_lut<W, LC>(w);
+    store_iq2_lut<W, LC>(lut, w);
 }
 
 // x (K floats) -> four digit planes (plane p at dig + p K), group scales xs[K / XG], optionally 16-column sums.
@@ -474,12 +485,16 @@ __global__ void __launch_bounds__(32 * W, W <= 4 ? 4 : M6<T, W>::MINB) matvec6(R
         }
     };
     if (!Rows::kConstWeights) {  // expert rows: the weight addresses come from the router's ids
-        if (D::LUT) build_iq2_lut<W, kLC>(lut);  // needs nothing of the previous kernel: overlaps its tail
+        // The table needs nothing of the previous kernel: its loads go out before the wait, its stores after the
+        // wait and the x and id loads, so that its load latency overlaps theirs instead of preceding them.
+        uint32_t lw[kLutR<W, kLC>];
+        if constexpr (D::LUT) load_iq2_lut<W, kLC>(lw);
         if (!early) {
             pdl_wait();
             xload();
         }
         for (int i = threadIdx.x; i < n_ids(rows); i += blockDim.x) ids[i] = (diag & 4) || !ids_of(rows) ? i : ids_of(rows)[i];
+        if constexpr (D::LUT) store_iq2_lut<W, kLC>(lut, lw);
         __syncthreads();
     }
 
