@@ -38,10 +38,15 @@ def test_top_instructions_and_opcode_totals(tmp_path):
     assert len(top) == 2  # --top 2
     assert "50.0%" in top[0] and "FMNMX" in top[0] and "long_sb 49, wait 1" in top[0]
     assert "30.0%" in top[1] and "LDS R4" in top[1] and "mio 25, wait 5" in top[1]
-    ops = {l.split()[0]: l.split()[1:] for l in lines[lines.index("opcode     samples  executed") + 1:]}
+    i_ops, i_runs = lines.index("opcode     samples  executed"), lines.index("runs per instruction  instructions  executed  samples")
+    ops = {l.split()[0]: l.split()[1:] for l in lines[i_ops + 1:i_runs] if l.strip()}
     # LDS: 40 of 100 samples, 24,576 of 30,208 executions; the predicate does not hide the opcode
     assert ops["LDS"] == ["40.0%", "81.4%"]
     assert ops["IMMA"] == ["10.0%", "13.6%"]
+    runs = [l.split() for l in lines[i_runs + 1:]]
+    # the two LDS ran 12,288 times each: one group of 2 instructions, 81.4% of executions, 40% of samples, first;
+    # then the IMMA's group; --top 2 leaves out the FMNMX's (1,536 runs)
+    assert runs == [["12288", "2", "81.4%", "40.0%"], ["4096", "1", "13.6%", "10.0%"]]
 
 
 def test_not_an_ncu_source_page_is_one_line_error(tmp_path):

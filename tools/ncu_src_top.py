@@ -6,8 +6,9 @@ On the GPU machine:
         build/gpu-sm_90/bench_matvec --iters 3 --versions 0 --case "attn_q_b"
     ncu -i /tmp/rep.ncu-rep --page source --csv --print-source sass > src.csv
     python3 tools/ncu_src_top.py src.csv --top 30
-Prints the instructions with the most stall samples (share, times executed, top reasons), then the samples and
-executions per opcode. python3 only.
+Prints the instructions with the most stall samples (share, times executed, top reasons), the samples and
+executions per opcode, then the instructions grouped by how often each ran (an inner loop against start-up code).
+python3 only.
 """
 import argparse
 import collections
@@ -57,6 +58,19 @@ def main(argv=None):
     print("\nopcode     samples  executed")
     for op, v in by_s.most_common(20):
         print(f"{op:10s} {v / tot * 100:6.1f}% {by_e[op] / te * 100:8.1f}%")
+    # Instructions grouped by how often each ran: the inner loop's share against code that runs once per warp or
+    # once per chunk (a kernel's start-up and bookkeeping), in executions and in stall samples (warp time).
+    by_n = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for r in data:
+        n = num(r, i_e)
+        if n:
+            g = by_n[n]
+            g[0] += 1
+            g[1] += n
+            g[2] += num(r, i_s)
+    print("\nruns per instruction  instructions  executed  samples")
+    for n, (k, e, sm) in sorted(by_n.items(), key=lambda kv: -kv[1][1])[: a.top]:
+        print(f"{n:20.0f} {k:13d} {e / te * 100:8.1f}% {sm / tot * 100:7.1f}%")
     return 0
 
 
