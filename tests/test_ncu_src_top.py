@@ -61,3 +61,12 @@ def test_missing_file_is_one_line_error(tmp_path):
     r = run(tmp_path / "absent.csv")
     assert r.returncode != 0
     assert "cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_source_page_without_counters_is_one_line_error(tmp_path):
+    f = tmp_path / "src.csv"
+    f.write_text('"Kernel Name","k",\n"Address","Source"\n"0x10","      LDS R4, [R2]"\n')
+    r = run(f)
+    assert r.returncode != 0
+    assert "no column 'Warp Stall Sampling (All Samples)'" in r.stderr and "SourceCounters" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -31,7 +31,11 @@ def main(argv=None):
         sys.exit(f"ncu_src_top: {a.csv}: no 'Address' header row (not an ncu source-page CSV?)")
     hdr = rows[hi]
     data = [r for r in rows[hi + 1:] if len(r) == len(hdr)]
-    i_s, i_e = hdr.index("Warp Stall Sampling (All Samples)"), hdr.index("Instructions Executed")
+    need = ("Warp Stall Sampling (All Samples)", "Instructions Executed")
+    missing = [h for h in need if h not in hdr]
+    if missing:
+        sys.exit(f"ncu_src_top: {a.csv}: no column {missing[0]!r} (profile with --section SourceCounters)")
+    i_s, i_e = hdr.index(need[0]), hdr.index(need[1])
     reasons = [i for i, h in enumerate(hdr) if h.startswith("stall_") and "(Not" not in h]
 
     def num(r, i):
