@@ -6,7 +6,8 @@
     python3 tools/profile_decode.py --summarize kernels.csv
 
 The script loads the model, prefills --ctx random tokens, times --steps decode steps (CUDA graphs, as served), then
-runs one more step between cuProfilerStart and cuProfilerStop: under ncu exactly that step's kernels are measured
+runs one more step (or, with --prefill N, a prefill of N tokens) between cuProfilerStart and cuProfilerStop: under
+ncu exactly that step's kernels are measured
 (ncu profiles a graph's kernel nodes one by one, serialized, so the sum is kernel time without launch gaps or
 overlap). --summarize folds the CSV by kernel name: count, total and mean time, share of the step.
 """
@@ -68,6 +69,8 @@ def main() -> int:
     ap.add_argument("--lib", default=os.environ.get("DS4_ENGINE_LIB"))
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="profile one prefill of this many tokens (after --ctx) instead of a decode step")
     ap.add_argument("--backend", choices=("cuda", "cpu"), default="cuda", help="cpu: to try the script on a tiny model")
     ap.add_argument("--summarize", action="store_true", help="MODEL is a CSV written by ncu: fold it by kernel")
     a = ap.parse_args()
@@ -96,8 +99,9 @@ def profile(a: argparse.Namespace) -> int:
         start = stop = lambda: 0
     model = Model(a.model, backend=a.backend, lib=lib)
     lo = min(1000, model.n_vocab // 4)  # ordinary tokens, away from the special ones at either end
-    toks = np.random.default_rng(7).integers(lo, model.n_vocab - lo, size=a.ctx + a.steps + 8).astype(np.int32)
-    with model.new_session(a.ctx + a.steps + 8) as s:
+    n = a.ctx + a.steps + a.prefill + 8
+    toks = np.random.default_rng(7).integers(lo, model.n_vocab - lo, size=n).astype(np.int32)
+    with model.new_session(n) as s:
         logits = s.eval(toks[:a.ctx])
         tok = int(np.argmax(logits))
         t = []
@@ -107,9 +111,10 @@ def profile(a: argparse.Namespace) -> int:
             tok = int(np.argmax(logits))
         ms = 1000 * (t[-1] - t[0]) / (len(t) - 1)
         print(f"decode at ctx {a.ctx}: {ms:.2f} ms/token ({1000 / ms:.1f} t/s)", file=sys.stderr)
+        more = toks[a.ctx:a.ctx + a.prefill] if a.prefill else [tok]
         t0 = time.monotonic()
         start()
-        s.eval([tok])
+        s.eval(more)
         stop()
         print(f"profiled step: {1000 * (time.monotonic() - t0):.1f} ms wall (under the profiler)",
               file=sys.stderr)
