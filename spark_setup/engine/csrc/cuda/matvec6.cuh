@@ -82,24 +82,28 @@ struct M6<DS4_TYPE_Q8_0, W> {
     // per lane.
     static constexpr int CHUNK = 256, BLK = 32, DB = 272, SR = 272, NS = 2, XG = 32, MINB = 1;
     static constexpr bool SX = false, LUT = false, PERM = true;
+    // A fragment of block b (of a chunk staged 16-byte aligned) of rows g and g + 8 (also the GEMM's, cuda/mm6.cuh)
+    __device__ static void frag(const uint8_t *rg, const uint8_t *rg8, int b, int c, uint32_t (&a)[4]) {
+        const uint8_t *rr[2] = {rg, rg8};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const uint8_t *p = rr[r] + 34 * b + 4 * c;  // the block's quants start at p + 2 - 4 c
+            if ((b & 1) == 0) {  // quants at 2 mod 4: two aligned words and a funnel shift per fragment word
+                a[r] = __funnelshift_r(lds32(p), lds32(p + 4), 16);
+                a[2 + r] = __funnelshift_r(lds32(p + 16), lds32(p + 20), 16);
+            } else {
+                a[r] = lds32(p + 2);
+                a[2 + r] = lds32(p + 18);
+            }
+        }
+    }
     __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
                                  const float *, int c, float (&facc)[2], float (&)[2], const uint32_t *) {
 #pragma unroll
         for (int b = 0; b < CHUNK / BLK; b++) {
             if (b >= nb) break;
             uint32_t a[4];
-            const uint8_t *rr[2] = {rg, rg8};
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const uint8_t *p = rr[r] + 34 * b + 4 * c;  // the block's quants start at p + 2 - 4 c
-                if ((b & 1) == 0) {  // quants at 2 mod 4: two aligned words and a funnel shift per fragment word
-                    a[r] = __funnelshift_r(lds32(p), lds32(p + 4), 16);
-                    a[2 + r] = __funnelshift_r(lds32(p + 16), lds32(p + 20), 16);
-                } else {
-                    a[r] = lds32(p + 2);
-                    a[2 + r] = lds32(p + 18);
-                }
-            }
+            frag(rg, rg8, b, c, a);
             const uint2 bb = *reinterpret_cast<const uint2 *>(dg + 32 * b);
             int d[4] = {0, 0, 0, 0};
             mma_s8(d, a, bb.x, bb.y);
@@ -114,6 +118,32 @@ template <int W>
 struct M6<DS4_TYPE_Q2_K, W> {
     static constexpr int CHUNK = 512, BLK = 256, DB = 168, SR = 176, NS = 3, XG = 256, MINB = 1;
     static constexpr bool SX = true, LUT = false, PERM = false;
+    // A block's scale words, this lane's quant words (rows g and g + 8), d and dmin; then the A fragment of its
+    // 32-column step 4 h + j (also the GEMM's, cuda/mm6.cuh)
+    __device__ static void load(const uint8_t *const (&p)[2], int c, uint32_t (&sc)[2][4], uint32_t (&q)[2][4],
+                                float (&d)[2], float (&dm)[2]) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) sc[r][i] = lds32(p[r] + 4 * i);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                q[r][2 * h] = lds32(p[r] + 16 + 32 * h + 8 * c);
+                q[r][2 * h + 1] = lds32(p[r] + 20 + 32 * h + 8 * c);
+            }
+            d[r] = ld_h16(p[r] + 80);
+            dm[r] = ld_h16(p[r] + 82);
+        }
+    }
+    __device__ static void frag(const uint32_t (&sc)[2][4], const uint32_t (&q)[2][4], int h, int j, int sh,
+                                uint32_t (&a)[4]) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const uint32_t s = (sc[r][2 * h + (j >> 1)] >> (16 * (j & 1) + sh)) & 15u;
+            a[r] = ((q[r][2 * h] >> (2 * j)) & 0x03030303u) * s;  // bytes <= 45: no carries
+            a[2 + r] = ((q[r][2 * h + 1] >> (2 * j)) & 0x03030303u) * s;
+        }
+    }
     __device__ static void chunk(const uint8_t *rg, const uint8_t *rg8, int nb, const uint8_t *dg, const float *xs,
                                  const float *sx, int c, float (&facc)[2], float (&macc)[2], const uint32_t *) {
         const int sh = 8 * (c >> 1);
@@ -123,30 +153,14 @@ struct M6<DS4_TYPE_Q2_K, W> {
             const uint8_t *p[2] = {rg + 84 * b, rg8 + 84 * b};
             uint32_t sc[2][4], q[2][4];
             float d[2], dm[2];
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) sc[r][i] = lds32(p[r] + 4 * i);
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    q[r][2 * h] = lds32(p[r] + 16 + 32 * h + 8 * c);
-                    q[r][2 * h + 1] = lds32(p[r] + 20 + 32 * h + 8 * c);
-                }
-                d[r] = ld_h16(p[r] + 80);
-                dm[r] = ld_h16(p[r] + 82);
-            }
+            load(p, c, sc, q, d, dm);
             int acc[4] = {0, 0, 0, 0};  // exact over the whole 256-column block: |q sc| <= 45, |digit| <= 128
 #pragma unroll
             for (int h = 0; h < 2; h++)
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     uint32_t a[4];
-#pragma unroll
-                    for (int r = 0; r < 2; r++) {
-                        const uint32_t s = (sc[r][2 * h + (j >> 1)] >> (16 * (j & 1) + sh)) & 15u;
-                        a[r] = ((q[r][2 * h] >> (2 * j)) & 0x03030303u) * s;  // bytes <= 45: no carries
-                        a[2 + r] = ((q[r][2 * h + 1] >> (2 * j)) & 0x03030303u) * s;
-                    }
+                    frag(sc, q, h, j, sh, a);
                     const uint2 bb = *reinterpret_cast<const uint2 *>(dg + 256 * b + 32 * (4 * h + j));
                     mma_s8(acc, a, bb.x, bb.y);
                 }
@@ -185,6 +199,31 @@ struct M6<DS4_TYPE_IQ2_XXS, W> {
     // at bits 7..13, and one LOP3 that masks them and ORs in 4 l). PAR 0 reads the two aligned words around the sign
     // word (lane 3's bits lie wholly in the second one: both of its words are that one, ao = 4, and the funnel
     // shift becomes a rotation).
+    // A fragment of sub-block s of rows g and g + 8 and their scales 2 ls + 1 (also the GEMM's, cuda/mm6.cuh)
+    template <int PAR>
+    __device__ static void frag(const uint8_t *const (&p)[2], int s, int c, int sh, int ao, uint32_t l4,
+                                const uint8_t *lut, uint32_t (&a)[4], int (&scl)[2]) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const uint8_t *h = p[r] + 2 + 8 * s;
+            const uint32_t idx = h[c];
+            uint32_t f, sc;
+            if (PAR) {
+                const uint32_t aux = lds32(h + 4);
+                f = __funnelshift_r(aux, aux, sh);
+                sc = aux >> 28;
+            } else {
+                const uint32_t hi = lds32(h + 6);
+                f = __funnelshift_r(lds32(h + 2 + ao), hi, sh);
+                sc = (hi >> 12) & 15u;
+            }
+            scl[r] = 2 * (int)sc + 1;
+            const uint32_t sel = lds32(lut + ((idx << ESH) | l4)) |
+                                 lds32(lut + (256 << ESH) + ((f & (127u << ESH)) | l4));
+            a[r] = prmt(kIq2Pos, kIq2Neg, sel);
+            a[2 + r] = prmt(kIq2Pos, kIq2Neg, sel >> 16);
+        }
+    }
     template <int PAR>
     __device__ static void block(const uint8_t *pg, const uint8_t *pg8, const uint8_t *db, float x, int sh, int ao,
                                  uint32_t l4, float (&facc)[2], const uint8_t *lut) {
@@ -195,26 +234,7 @@ struct M6<DS4_TYPE_IQ2_XXS, W> {
         for (int s = 0; s < 8; s++) {
             uint32_t a[4];
             int scl[2];
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const uint8_t *h = p[r] + 2 + 8 * s;
-                const uint32_t idx = h[c];
-                uint32_t f, sc;
-                if (PAR) {
-                    const uint32_t aux = lds32(h + 4);
-                    f = __funnelshift_r(aux, aux, sh);
-                    sc = aux >> 28;
-                } else {
-                    const uint32_t hi = lds32(h + 6);
-                    f = __funnelshift_r(lds32(h + 2 + ao), hi, sh);
-                    sc = (hi >> 12) & 15u;
-                }
-                scl[r] = 2 * (int)sc + 1;
-                const uint32_t sel = lds32(lut + ((idx << ESH) | l4)) |
-                                     lds32(lut + (256 << ESH) + ((f & (127u << ESH)) | l4));
-                a[r] = prmt(kIq2Pos, kIq2Neg, sel);
-                a[2 + r] = prmt(kIq2Pos, kIq2Neg, sel >> 16);
-            }
+            frag<PAR>(p, s, c, sh, ao, l4, lut, a, scl);
             const uint2 bb = *reinterpret_cast<const uint2 *>(db + 32 * s);
             int d[4] = {0, 0, 0, 0};
             mma_s8(d, a, bb.x, bb.y);
@@ -310,60 +330,68 @@ __device__ __forceinline__ void load_x(const float *x, int K, int base, float (&
     }
 }
 
+// One warp's 256 columns (8 per lane, i0 = this lane's first; ok: they exist): the group scale(s), the four digit
+// planes (plane p at dig + p ps), optionally the 16-column sums. Also the GEMM's x conversion (cuda/mm6.cuh).
+template <int XG, bool SX, bool PERM>
+__device__ __forceinline__ void store_x1(const float (&v)[8], bool ok, int i0, int ps, uint8_t *dig, float *xs,
+                                         float *sx) {
+    const int lane = threadIdx.x & 31;
+    float m = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e]));
+#pragma unroll
+    for (int o = 1; o < XG / 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    // m < 2^(E-126); inv = 2^(156-E) puts |x| * inv below 2^30; both powers of two, so x * inv is exact
+    const int E = max((int)((__float_as_uint(m) >> 23) & 0xff), 30);
+    const float inv = __uint_as_float((uint32_t)(283 - E) << 23), scale = __uint_as_float((uint32_t)(E - 29) << 23);
+    // Balanced base-256 digits without a digit loop: adding 0x80808080 (|X| < 2^30 keeps it in 32 bits) makes
+    // the bytes of X + C unsigned digits u with X = sum (u_p - 128) 256^p, and u - 128 is u XOR 0x80 read as a
+    // signed byte; the only balanced digits are these. Four values' bytes then go to the four planes by PRMT.
+    uint32_t u[8], w[4][2];
+#pragma unroll
+    for (int e = 0; e < 8; e++) u[e] = ((uint32_t)__float2int_rn(v[e] * inv) + 0x80808080u) ^ 0x80808080u;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const uint32_t *q = u + 4 * h;
+        const uint32_t lo01 = prmt(q[0], q[1], 0x5140), hi01 = prmt(q[0], q[1], 0x7362);
+        const uint32_t lo23 = prmt(q[2], q[3], 0x5140), hi23 = prmt(q[2], q[3], 0x7362);
+        w[3][h] = prmt(lo01, lo23, 0x5410);  // bytes 0 (plane 3: the least significant digit)
+        w[2][h] = prmt(lo01, lo23, 0x7632);  // bytes 1
+        w[1][h] = prmt(hi01, hi23, 0x5410);  // bytes 2
+        w[0][h] = prmt(hi01, hi23, 0x7632);  // bytes 3
+    }
+    if (ok) {
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            uint8_t *d = dig + (size_t)p * ps + i0;
+            if (PERM) {  // this lane's columns 8L .. 8L + 7 of its 32 (L = lane mod 4): bytes 16 (L & 1) + 4 (L >> 1)
+                const int L = lane & 3;  // and 8 further
+                d += 16 * (L & 1) + 4 * (L >> 1) - 8 * L;
+                *reinterpret_cast<uint32_t *>(d) = w[p][0];
+                *reinterpret_cast<uint32_t *>(d + 8) = w[p][1];
+            } else {
+                *reinterpret_cast<uint2 *>(d) = make_uint2(w[p][0], w[p][1]);
+            }
+        }
+        if ((lane & (XG / 8 - 1)) == 0) xs[i0 / XG] = scale;
+    }
+    if (SX) {
+        const float *f = v;
+        float sm = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+        sm += __shfl_xor_sync(0xffffffffu, sm, 1);
+        if (ok && (lane & 1) == 0) sx[i0 / 16] = sm;
+    }
+}
+
 template <int XG, bool SX, int W, bool PERM>
 __device__ __forceinline__ void store_x(const float (&v)[kXB<W>][8], int K, int base, int ps, uint8_t *dig, float *xs,
                                         float *sx) {
-    constexpr int XB = kXB<W>;
     const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int j = 0; j < XB; j++) {
+    for (int j = 0; j < kXB<W>; j++) {
         const int i0 = base + j * W * 256 + 8 * lane;
-        const bool ok = i0 < K;  // K is a multiple of 32: a group of 4 lanes is all in or all out
-        float m = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[j][e]));
-#pragma unroll
-        for (int o = 1; o < XG / 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        // m < 2^(E-126); inv = 2^(156-E) puts |x| * inv below 2^30; both powers of two, so x * inv is exact
-        const int E = max((int)((__float_as_uint(m) >> 23) & 0xff), 30);
-        const float inv = __uint_as_float((uint32_t)(283 - E) << 23), scale = __uint_as_float((uint32_t)(E - 29) << 23);
-        // Balanced base-256 digits without a digit loop: adding 0x80808080 (|X| < 2^30 keeps it in 32 bits) makes
-        // the bytes of X + C unsigned digits u with X = sum (u_p - 128) 256^p, and u - 128 is u XOR 0x80 read as a
-        // signed byte; the only balanced digits are these. Four values' bytes then go to the four planes by PRMT.
-        uint32_t u[8], w[4][2];
-#pragma unroll
-        for (int e = 0; e < 8; e++) u[e] = ((uint32_t)__float2int_rn(v[j][e] * inv) + 0x80808080u) ^ 0x80808080u;
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const uint32_t *q = u + 4 * h;
-            const uint32_t lo01 = prmt(q[0], q[1], 0x5140), hi01 = prmt(q[0], q[1], 0x7362);
-            const uint32_t lo23 = prmt(q[2], q[3], 0x5140), hi23 = prmt(q[2], q[3], 0x7362);
-            w[3][h] = prmt(lo01, lo23, 0x5410);  // bytes 0 (plane 3: the least significant digit)
-            w[2][h] = prmt(lo01, lo23, 0x7632);  // bytes 1
-            w[1][h] = prmt(hi01, hi23, 0x5410);  // bytes 2
-            w[0][h] = prmt(hi01, hi23, 0x7632);  // bytes 3
-        }
-        if (ok) {
-#pragma unroll
-            for (int p = 0; p < 4; p++) {
-                uint8_t *d = dig + (size_t)p * ps + i0;
-                if (PERM) {  // this lane's columns 8L .. 8L + 7 of its 32 (L = lane mod 4): bytes 16 (L & 1) + 4 (L >> 1)
-                    const int L = lane & 3;  // and 8 further
-                    d += 16 * (L & 1) + 4 * (L >> 1) - 8 * L;
-                    *reinterpret_cast<uint32_t *>(d) = w[p][0];
-                    *reinterpret_cast<uint32_t *>(d + 8) = w[p][1];
-                } else {
-                    *reinterpret_cast<uint2 *>(d) = make_uint2(w[p][0], w[p][1]);
-                }
-            }
-            if ((lane & (XG / 8 - 1)) == 0) xs[i0 / XG] = scale;
-        }
-        if (SX) {
-            const float *f = v[j];
-            float sm = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
-            sm += __shfl_xor_sync(0xffffffffu, sm, 1);
-            if (ok && (lane & 1) == 0) sx[i0 / 16] = sm;
-        }
+        // K is a multiple of 32: a group of 4 lanes is all in or all out
+        store_x1<XG, SX, PERM>(v[j], i0 < K, i0, ps, dig, xs, sx);
     }
 }
 
