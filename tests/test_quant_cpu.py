@@ -143,6 +143,36 @@ def test_kernel_errors_have_messages(lib, args, code, needle):
     assert "row range" in _lib.last_error(lib)
 
 
+def engine_matmul(lib, type_name, raw, n_experts, n_cols, X, x_idx, off, n_tok, backend=_lib.BACKEND_CPU):
+    raw, X = np.ascontiguousarray(raw), np.ascontiguousarray(X, dtype=np.float32)
+    Y = np.full((n_tok, raw.shape[0] // n_experts), np.nan, dtype=np.float32)
+    xi = None if x_idx is None else np.ascontiguousarray(x_idx, dtype=np.int32)
+    of = None if off is None else np.ascontiguousarray(off, dtype=np.int32)
+    P_i = _lib.P_int32
+    _lib.check(lib, lib.ds4_matmul(backend, int(TYPES[type_name]), raw.ctypes.data, n_experts, Y.shape[1], n_cols,
+                                   _f32p(X), X.shape[0], None if xi is None else xi.ctypes.data_as(P_i),
+                                   None if of is None else of.ctypes.data_as(P_i), n_tok, _f32p(Y)))
+    return Y
+
+
+def test_matmul_slots_use_their_expert_and_x_row(lib):
+    """ds4_matmul (the batched product's test entry; CUDA runs cuda_mm6, tools/gpu_check.py): slot j of expert e
+    equals the matvec of expert e's matrix with X row x_idx[j], bit for bit, and bad slot maps are clean errors."""
+    rng = np.random.default_rng(3)
+    raw = random_matrix("Q2_K", 3 * 8, 512, seed=4)
+    X = rng.standard_normal((5, 512)).astype(np.float32)
+    x_idx, off = [4, 0, 1, 2, 3, 3, 1], [0, 2, 2, 7]
+    Y = engine_matmul(lib, "Q2_K", raw, 3, 512, X, x_idx, off, 7)
+    experts = [0, 0, 2, 2, 2, 2, 2]
+    for j in range(7):
+        want = engine_matvec(lib, "Q2_K", raw[8 * experts[j]:8 * experts[j] + 8], 512, X[x_idx[j]])
+        assert np.array_equal(Y[j].view(np.uint32), want.view(np.uint32)), j
+    for xi, of, needle in (([4, 0, 1, 2, 3, 3, 5], off, "slot 6 reads no X row"), (x_idx, [0, 2, 2, 6], "off must run"),
+                           (x_idx, [0, 3, 2, 7], "off decreases"), (x_idx, None, "several experts need off")):
+        with pytest.raises(_lib.EngineError, match=needle):
+            engine_matmul(lib, "Q2_K", raw, 3, 512, X, xi, of, 7)
+
+
 def test_cuda_backend_missing_is_a_clean_error(lib):
     if lib.ds4_has_cuda():
         pytest.skip("this engine has CUDA")
@@ -151,6 +181,8 @@ def test_cuda_backend_missing_is_a_clean_error(lib):
     with pytest.raises(_lib.EngineError, match="built without CUDA") as ei:
         engine_matvec(lib, "Q8_0", raw, 32, x, backend=_lib.BACKEND_CUDA)
     assert ei.value.code == _lib.DS4_E_BACKEND
+    with pytest.raises(_lib.EngineError, match="built without CUDA"):
+        engine_matmul(lib, "Q8_0", raw, 1, 32, x[None], None, None, 1, backend=_lib.BACKEND_CUDA)
 
 
 def test_internal_kernel_checks(engine_build):

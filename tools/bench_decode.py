@@ -53,35 +53,35 @@ def bytes_per_token(ctx: int) -> int:
 DS4_H200 = {2048: (1350, 33.4), 8192: (1313, 32.2), 16384: (1246, 32.0), 32768: (1238, 29.3), 65536: (1004, 27.3)}
 
 
-def compare_prefill(model, toks, interval: int, spec: str, deadline: float) -> list:
-    """Prefill toks[:interval] in a fresh session per config BATCH:GEMM (env read at session creation)."""
-    keys = ("DS4_CUDA_PREFILL_BATCH", "DS4_CUDA_PREFILL_GEMM")
+def compare_prefill(model, toks, interval: int, spec: str, deadline: float, roundtrip: bool = True) -> list:
+    """Prefill toks[:interval] in a fresh session per config BATCH:GEMM[:MM6] (env read at session creation)."""
+    keys = ("DS4_CUDA_PREFILL_BATCH", "DS4_CUDA_PREFILL_GEMM", "DS4_CUDA_MM6")
     saved = {k: os.environ.get(k) for k in keys}
     rows, ref = [], None
     try:
         for cfg in spec.split(","):
-            batch, gemm = (cfg.split(":") + ["0"])[:2]
+            batch, gemm, mm6 = (cfg.split(":") + ["0", "1"])[:3]
             done = [r for r in rows if "pp_tps" in r]
             if done and time.monotonic() + 2 * max(interval / r["pp_tps"] for r in done) + 10 > deadline:
                 print(f"prefill compare {cfg}: skipped (deadline)", flush=True)
                 continue
-            os.environ[keys[0]], os.environ[keys[1]] = batch, gemm
+            os.environ[keys[0]], os.environ[keys[1]], os.environ[keys[2]] = batch, gemm, mm6
             try:
-                with model.new_session(interval + 8) as s:
+                with model.new_session(interval + 8, roundtrip=roundtrip) as s:
                     t = time.monotonic()
                     lg = s.eval(toks[:interval])
                     d = time.monotonic() - t
             except Exception as e:  # noqa: BLE001 - report it and keep measuring the other configs
                 print(f"prefill compare {cfg}: FAILED: {e}", flush=True)
-                rows.append({"batch": int(batch), "gemm": int(gemm), "error": str(e)})
+                rows.append({"batch": int(batch), "gemm": int(gemm), "mm6": int(mm6), "error": str(e)})
                 continue
             rel = None if ref is None else float(np.abs(lg - ref).max() / max(float(np.abs(ref).max()), 1e-30))
             if ref is None:
                 ref = lg
-            row = {"batch": int(batch), "gemm": int(gemm), "pp_tps": interval / d, "finite": bool(np.isfinite(lg).all()),
+            row = {"batch": int(batch), "gemm": int(gemm), "mm6": int(mm6), "pp_tps": interval / d, "finite": bool(np.isfinite(lg).all()),
                    "argmax": int(np.argmax(lg)), "rel_vs_first": rel}
             rows.append(row)
-            print(f"prefill compare batch {batch} gemm {gemm}: {row['pp_tps']:.1f} t/s over {interval} tokens "
+            print(f"prefill compare batch {batch} gemm {gemm} mm6 {mm6}: {row['pp_tps']:.1f} t/s over {interval} tokens "
                   f"(finite {row['finite']}, argmax {row['argmax']}, rel diff vs first {rel})", flush=True)
     finally:
         for k, v in saved.items():
@@ -120,9 +120,12 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop before a context that would end later")
     ap.add_argument("--bw-gib", type=float, default=8.0)
     ap.add_argument("--out", type=Path, default=None, help="directory for bench.json / bench.md")
-    ap.add_argument("--compare", default="", help="prefill configs BATCH:GEMM,... (DS4_CUDA_PREFILL_BATCH, "
-                    "DS4_CUDA_PREFILL_GEMM), each timed over the first interval in a fresh session before the "
+    ap.add_argument("--compare", default="", help="prefill configs BATCH:GEMM[:MM6],... (DS4_CUDA_PREFILL_BATCH, "
+                    "DS4_CUDA_PREFILL_GEMM, DS4_CUDA_MM6 (default 1)), each timed over the first interval in a fresh session before the "
                     "walk; the last logits are compared with the first config's")
+    ap.add_argument("--compare-no-roundtrip", action="store_true",
+                    help="run the --compare sessions with the FP8/FP4/F16 round-trips off (f32 throughout), where "
+                    "two prefill paths should agree to rounding; with them on, random weights amplify any difference")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     deadline = t_start + args.deadline_s
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(1234)
     toks = rng.integers(1000, model.n_vocab - 1000, size=max_ctx).astype(np.int32)
     if args.compare:
-        res["prefill_compare"] = compare_prefill(model, toks, args.interval, args.compare, deadline)
+        res["prefill_compare"] = compare_prefill(model, toks, args.interval, args.compare, deadline,
+                                                   roundtrip=not args.compare_no_roundtrip)
         ok = [r for r in res["prefill_compare"] if "error" not in r and r["finite"]]
         if res["prefill_gemm"] and ok and any("error" in r or not r["finite"] for r in res["prefill_compare"]
                                                if r["gemm"]):

@@ -110,6 +110,9 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                                            ctypes.c_int64, ctypes.c_int64, P_float]
     lib.ds4_matvec.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, P_float,
                                P_float]
+    P_int = ctypes.POINTER(ctypes.c_int32)
+    lib.ds4_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_int64, P_float, ctypes.c_int64, P_int, P_int, ctypes.c_int64, P_float]
     return lib
 
 
@@ -133,6 +136,61 @@ def matvec(lib, backend, type_name, raw, n_cols, x):
     _ok(lib, lib.ds4_matvec(backend, TYPES[type_name], raw.ctypes.data, raw.shape[0], n_cols,
                             x.ctypes.data_as(P_float), y.ctypes.data_as(P_float)))
     return y
+
+
+def matmul(lib, backend, type_name, raw, n_experts, n_cols, X, x_idx=None, off=None, n_tok=None):
+    """ds4_matmul: raw holds n_experts matrices of raw.shape[0] // n_experts rows; returns Y [n_tok x rows]."""
+    raw = np.ascontiguousarray(raw)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    rows = raw.shape[0] // n_experts
+    n_tok = n_tok if n_tok is not None else X.shape[0]
+    Y = np.full((n_tok, rows), np.nan, dtype=np.float32)
+    P_int = ctypes.POINTER(ctypes.c_int32)
+    xi = None if x_idx is None else np.ascontiguousarray(x_idx, dtype=np.int32)
+    of = None if off is None else np.ascontiguousarray(off, dtype=np.int32)
+    _ok(lib, lib.ds4_matmul(backend, TYPES[type_name], raw.ctypes.data, n_experts, rows, n_cols,
+                            X.ctypes.data_as(P_float), X.shape[0], None if xi is None else xi.ctypes.data_as(P_int),
+                            None if of is None else of.ctypes.data_as(P_int), n_tok, Y.ctypes.data_as(P_float)))
+    return Y
+
+
+# The batched (prefill) product on the tensor cores: types and column counts it takes (whole 256-column groups,
+# 16-byte rows), several chunks each
+MM_COLS = {"Q8_0": 1024, "Q2_K": 2048, "IQ2_XXS": 4096}
+
+
+def check_matmul(lib, type_name: str) -> list[str]:
+    """CUDA batched product (cuda_mm6) vs float64 and the CPU engine: dense (row count not a multiple of the CTA's
+    128 rows, a token count that leaves an odd last tile) and expert mode (3 experts, one of them unused, slots
+    reading X rows out of order)."""
+    problems = []
+    cols = MM_COLS[type_name]
+    rng = np.random.default_rng(5)
+    cases = []
+    w = random_matrix(type_name, 300, cols, seed=21, bounded=True)
+    cases.append(("dense 300 rows x 37 tokens", w, 1, rng.standard_normal((37, cols)), None, None, 37))
+    w3 = random_matrix(type_name, 3 * 256, cols, seed=22, bounded=True)
+    X = rng.standard_normal((11, cols)) * rng.uniform(0.01, 100, size=(11, 1))
+    cases.append(("3 experts x 256 rows, 29 slots", w3, 3, X, rng.integers(0, 11, size=29), [0, 13, 13, 29], 29))
+    for name, raw, ne, X, x_idx, off, n_tok in cases:
+        X = X.astype(np.float32)
+        rows = raw.shape[0] // ne
+        wd = dequant(lib, BACKEND_CPU, type_name, raw, cols).astype(np.float64)
+        ref = np.empty((n_tok, rows))
+        scale = np.empty((n_tok, rows))
+        e = 0
+        for j in range(n_tok):
+            while off is not None and j >= off[e + 1]:
+                e += 1
+            x = X[x_idx[j] if x_idx is not None else j].astype(np.float64)
+            ref[j] = wd[e * rows:(e + 1) * rows] @ x
+            scale[j] = np.abs(wd[e * rows:(e + 1) * rows]) @ np.abs(x)
+        for backend, bname in ((BACKEND_CUDA, "CUDA"), (BACKEND_CPU, "CPU")):
+            Y = matmul(lib, backend, type_name, raw, ne, cols, X, x_idx, off, n_tok)
+            err = float(np.max(np.abs(Y - ref) / np.maximum(scale, 1e-300)))
+            if not (np.isfinite(Y).all() and err <= 1e-5):
+                problems.append(f"{type_name} {name}: {bname} batched product error {err:.3g} > 1e-5")
+    return problems
 
 
 def matvec_error(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
@@ -194,6 +252,8 @@ def main(argv=None) -> int:
     for t in TYPES:
         try:
             problems = check_type(lib, t, have_gguf)
+            if t in MM_COLS:
+                problems += check_matmul(lib, t)
         except RuntimeError as exc:  # an engine error (e.g. no CUDA device) fails the type, not the script
             problems = [str(exc)]
         print(f"{'PASS' if not problems else 'FAIL'} {t}" + ("" if not problems else ": " + "; ".join(problems)))

@@ -66,6 +66,8 @@ PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "ds4_dequantize": (c_int, [c_int, c_void_p, c_int64, c_int64, c_int64, c_int64, P_float]),
     "ds4_dequantize_backend": (c_int, [c_int, c_int, c_void_p, c_int64, c_int64, c_int64, c_int64, P_float]),
     "ds4_matvec": (c_int, [c_int, c_int, c_void_p, c_int64, c_int64, P_float, P_float]),
+    "ds4_matmul": (c_int, [c_int, c_int, c_void_p, c_int64, c_int64, c_int64, P_float, c_int64, P_int32, P_int32,
+                           c_int64, P_float]),
     "ds4_model_open": (c_int, [c_char_p, c_int, _P(c_void_p)]),
     "ds4_model_free": (None, [c_void_p]),
     "ds4_model_describe": (c_int, [c_void_p, _P(ModelDesc)]),

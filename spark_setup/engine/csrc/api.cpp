@@ -177,4 +177,38 @@ int ds4_matvec(int backend, int type, const void *W, int64_t n_rows, int64_t n_c
     });
 }
 
+int ds4_matmul(int backend, int type, const void *W, int64_t n_experts, int64_t n_rows, int64_t n_cols,
+               const float *X, int64_t n_x, const int32_t *x_idx, const int32_t *off, int64_t n_tok, float *Y) {
+    return ds4::guard([&] {
+        DS4_CHECK_ARG(W != nullptr && X != nullptr && Y != nullptr, "ds4_matmul: NULL pointer");
+        DS4_CHECK_ARG(n_rows > 0 && n_x > 0 && n_tok > 0 && n_experts > 0, "ds4_matmul: empty or negative sizes");
+        DS4_CHECK_ARG(off != nullptr || n_experts == 1, "ds4_matmul: several experts need off");
+        if (off) {
+            DS4_CHECK_ARG(off[0] == 0 && off[n_experts] == n_tok, "ds4_matmul: off must run from 0 to n_tok");
+            for (int64_t e = 0; e < n_experts; e++) DS4_CHECK_ARG(off[e] <= off[e + 1], "ds4_matmul: off decreases");
+        }
+        for (int64_t j = 0; j < n_tok; j++)
+            DS4_CHECK_ARG(x_idx ? x_idx[j] >= 0 && x_idx[j] < n_x : j < n_x, "ds4_matmul: slot %lld reads no X row",
+                          (long long)j);
+        const size_t mat = ds4::row_bytes(type, n_cols) * (size_t)n_rows;
+        if (backend == DS4_BACKEND_CPU) {
+            int64_t e = 0;
+            for (int64_t j = 0; j < n_tok; j++) {
+                while (off && j >= off[e + 1]) e++;
+                ds4::cpu_matvec(type, static_cast<const uint8_t *>(W) + e * mat, n_rows, n_cols,
+                                X + (x_idx ? x_idx[j] : j) * n_cols, Y + j * n_rows);
+            }
+        } else if (backend == DS4_BACKEND_CUDA) {
+#ifdef DS4_WITH_CUDA
+            ds4::cuda_mm6_host(type, W, n_experts, n_rows, n_cols, X, n_x, x_idx, off, n_tok, Y);
+#else
+            ds4::fail(DS4_E_BACKEND, "this engine was built without CUDA (rebuild with spark-setup build --arch auto)");
+#endif
+        } else {
+            ds4::fail(DS4_E_ARG, "unknown backend %d", backend);
+        }
+        return (int)DS4_OK;
+    });
+}
+
 }  // extern "C"

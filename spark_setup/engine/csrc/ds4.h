@@ -78,6 +78,13 @@ int ds4_dequantize_backend(int backend, int type, const void *data, int64_t n_ro
 /* y[r] = sum_c W[r,c] * x[c] with f32 accumulation. Host pointers; with DS4_BACKEND_CUDA the library copies
  * to the device, runs the CUDA kernel and copies back (timing-free correctness entry point). */
 int ds4_matvec(int backend, int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y);
+/* The batched product of a prefill step (tests): Y[j * n_rows + r] = W_e[r] . X[x_idx[j]] for slots j < n_tok,
+ * where W holds n_experts [n_rows x n_cols] matrices back to back and slot j uses expert e with
+ * off[e] <= j < off[e + 1] (off NULL: n_experts must be 1); x_idx NULL reads X row j (X has n_x rows). Host
+ * pointers. DS4_BACKEND_CPU: one ds4_matvec per slot; DS4_BACKEND_CUDA: the tensor-core kernel of the prefill step
+ * (Q8_0, Q2_K, IQ2_XXS with 16-byte rows; DS4_E_ARG for other types and shapes). */
+int ds4_matmul(int backend, int type, const void *W, int64_t n_experts, int64_t n_rows, int64_t n_cols,
+               const float *X, int64_t n_x, const int32_t *x_idx, const int32_t *off, int64_t n_tok, float *Y);
 
 /* ---- model and sessions ----------------------------------------------------------------------- */
 typedef struct ds4_model ds4_model;

@@ -81,6 +81,33 @@ struct ExpertMatvec {
     bool ids_settled = false;
 };
 void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream);
+// Batched product of a prefill step on the integer tensor cores ("mm6", cuda/mm6.cuh; v6's weight decode with
+// up to 16 tokens per decoded weight tile): Y[m][j * y_ld + r] = W_m(j)[r] . X[xrow(j)][xoff(r) ...] for the token
+// slots j < n_tok, rows r < n_rows, m < n_mats. xrow(j) = x_idx ? x_idx[j] : j, a row of X (n_x rows of x_ld
+// floats); xoff(r) = (r / rpg) * xgs (grouped products; rpg = n_rows otherwise). Expert mode (off != nullptr):
+// slots off[e] .. off[e + 1] - 1 use expert e, which starts at W[m] + e * expert_stride bytes. X is first converted
+// into digit planes in `scratch` (cuda_mm6_scratch bytes). Q8_0, Q2_K and IQ2_XXS only; returns false, having
+// launched nothing, for a type or a shape or alignment it does not take (the caller then runs its f32 kernel).
+struct Mm6Args {
+    int type = 0;
+    const void *W[2] = {nullptr, nullptr};
+    float *Y[2] = {nullptr, nullptr};
+    int n_mats = 1;
+    int64_t n_rows = 0, n_cols = 0;
+    int64_t expert_stride = 0;          // bytes (expert mode)
+    const int *off = nullptr;           // expert mode: n_experts + 1 slot offsets (device)
+    int n_experts = 0;
+    const float *X = nullptr;
+    int64_t x_ld = 0, n_x = 0;          // X: n_x rows of x_ld floats
+    const int *x_idx = nullptr;         // device; nullptr: slot j reads X row j
+    int64_t rpg = 0, xgs = 0;           // grouped rows (rpg = 0: not grouped)
+    int n_tok = 0;                      // token slots
+    int64_t y_ld = 0;
+    void *scratch = nullptr;
+    size_t scratch_bytes = 0;
+};
+size_t cuda_mm6_scratch(int64_t n_x, int64_t x_cols);
+bool cuda_mm6(const Mm6Args &a, cudaStream_t stream);
 // Kernel version used by cuda_matvec / cuda_matvec_experts for quant types: 0 = per type (v6, the tensor-core
 // decode, for Q8_0 / Q2_K / IQ2_XXS, in the first configuration that fits: plain Q8_0 matrices 16 warps per CTA,
 // then 4 (v9, where no column split is needed), then 8; expert-row Q8_0 8, then 16; Q2_K and IQ2_XXS 12, 16, then
@@ -97,6 +124,9 @@ void cuda_set_matvec_diag(int d);
 // Host-memory convenience (ds4_matvec with DS4_BACKEND_CUDA): copies W and x to the device, runs cuda_matvec,
 // copies y back, synchronizes. Throws ds4::Error(DS4_E_BACKEND) on a CUDA error or when no device is present.
 void cuda_matvec_host(int type, const void *W, int64_t n_rows, int64_t n_cols, const float *x, float *y);
+// Host-memory convenience for cuda_mm6 (ds4_matmul with DS4_BACKEND_CUDA): the arguments of ds4_matmul.
+void cuda_mm6_host(int type, const void *W, int64_t n_experts, int64_t n_rows, int64_t n_cols, const float *X,
+                   int64_t n_x, const int32_t *x_idx, const int32_t *off, int64_t n_tok, float *Y);
 // Host-memory convenience for cuda_dequant_rows: `data` points at row 0; rows [r0, r1) go to out.
 void cuda_dequant_host(int type, const void *data, int64_t n_cols, int64_t r0, int64_t r1, float *out);
 }  // namespace ds4

@@ -1587,6 +1587,9 @@ public:
     bool use_graphs = true;
     int bmax = 1;          // tokens per prefill step (DS4_CUDA_PREFILL_BATCH, 1 = token by token)
     bool gemm = false;     // DS4_CUDA_PREFILL_GEMM=1: batched steps use mmq_kernel and experts grouped by expert
+    bool mm6 = false;      // DS4_CUDA_MM6=1 (default): of those, Q8_0 / Q2_K / IQ2_XXS on the tensor cores (cuda_mm6)
+    void *x6 = nullptr;    // cuda_mm6's digit planes of x
+    size_t x6_bytes = 0;
     int ring_rows = 0;     // raw-window ring slots: window + bmax - 1
     int sm_count = 0;
     // graph keys: 0..3 = one token (head?, indexer?), 4..5 = a full prefill batch without head (indexer?)
@@ -1659,6 +1662,7 @@ void CudaSession::init() {
     use_graphs = env_int("DS4_CUDA_GRAPHS", 1) != 0;
     bmax = std::max(1, std::min(kMaxBatch, env_int("DS4_CUDA_PREFILL_BATCH", kMaxBatch)));
     gemm = env_int("DS4_CUDA_PREFILL_GEMM", 1) != 0;
+    mm6 = gemm && env_int("DS4_CUDA_MM6", 1) != 0;
     ring_rows = hp.window + bmax - 1;
     int dev = 0;
     DS4_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1794,6 +1798,12 @@ void CudaSession::init() {
         ups = alloc<float>(B * K * F);
         mbs = alloc<float>(B * K * F);
         dns = alloc<float>(B * K * E);
+        if (mm6) {  // the widest x of a batched product: the grouped output projection's, or the experts' down input
+            const int64_t wide = std::max<int64_t>({(int64_t)E, (int64_t)hp.q_lora_rank, (int64_t)D * hd,
+                                                    (int64_t)hp.o_groups * hp.o_lora_rank, (int64_t)F});
+            x6_bytes = std::max(cuda_mm6_scratch((int64_t)B, wide), cuda_mm6_scratch((int64_t)B * K, F));
+            x6 = alloc<uint8_t>(x6_bytes);
+        }
     }
     z = alloc<float>(E);
     logits = alloc<float>(hp.n_vocab);
@@ -1922,6 +1932,24 @@ void CudaSession::mm(const Tensor &w, const float *X, int64_t x_ld, float *Y, in
     const bool plain_ok = (w.type == DS4_TYPE_F32 || w.type == DS4_TYPE_F16)
                               ? ((uintptr_t)W % 16 == 0 && rb % 16 == 0 && n_cols % 8 == 0)
                               : w.type == DS4_TYPE_Q8_0;
+    if (nb > 1 && mm6) {
+        Mm6Args p;
+        p.type = w.type;
+        p.W[0] = W;
+        p.Y[0] = Y;
+        p.n_rows = n_rows;
+        p.n_cols = n_cols;
+        p.X = X;
+        p.x_ld = x_ld;
+        p.n_x = nb;
+        p.rpg = grouped ? rpg : 0;
+        p.xgs = xgs;
+        p.n_tok = nb;
+        p.y_ld = y_ld;
+        p.scratch = x6;
+        p.scratch_bytes = x6_bytes;
+        if (cuda_mm6(p, stream)) return;
+    }
     if (nb > 1 && gemm && mmq_ok(w.type, W, rb, n_cols) && rpg % kQBlockRows == 0 && n_rows < (1ll << 31) &&
         (n_rows + kQBlockRows - 1) / kQBlockRows <= 65535) {
         MmqArgs p{};
@@ -1979,6 +2007,31 @@ void CudaSession::routed_grouped(const LayerWeights &w, int nb, float lim) {
         const size_t rb = row_bytes(W0->type, n_cols);
         const uint8_t *d0 = C.dev(*W0);
         const bool pair = W1 && W1->type == W0->type;
+        if (mm6) {
+            Mm6Args q;
+            q.type = W0->type;
+            q.W[0] = d0;
+            q.Y[0] = Y0;
+            if (pair) {
+                q.W[1] = C.dev(*W1);
+                q.Y[1] = Y1;
+                q.n_mats = 2;
+            }
+            q.n_rows = n_rows;
+            q.n_cols = n_cols;
+            q.expert_stride = (int64_t)(n_rows * rb);
+            q.off = e_off;
+            q.n_experts = NE;
+            q.X = X;
+            q.x_ld = x_ld;
+            q.n_x = x_idx ? nb : n_pairs;
+            q.x_idx = x_idx;
+            q.n_tok = n_pairs;
+            q.y_ld = n_rows;
+            q.scratch = x6;
+            q.scratch_bytes = x6_bytes;
+            if ((!W1 || pair) && cuda_mm6(q, s)) return;
+        }
         if (!mmq_ok(W0->type, d0, rb, n_cols) || (rb * n_rows) % 2)
             fail(DS4_E_BACKEND, "grouped experts: type %s unsupported", type_name(W0->type));
         MmqArgs p{};

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
+#include <vector>
 
 #include "check.cuh"
 #include "common.h"
@@ -766,6 +767,7 @@ int grid_for(K kernel, int *per_sm, int threads, int64_t total_rows, int rows_pe
 }
 
 #include "matvec6.cuh"
+#include "mm6.cuh"
 
 template <int T, class Rows, int VER>
 void launch_v(const Rows &rows, int64_t total, int64_t n_cols, cudaStream_t s) {
@@ -974,6 +976,9 @@ void cuda_matvec(int type, const void *d_W, int64_t n_rows, int64_t n_cols, cons
         launch_type<false>(type, rows, n_rows, n_cols, stream);
 }
 
+size_t cuda_mm6_scratch(int64_t n_x, int64_t x_cols) { return mm6::planes_bytes(n_x, x_cols); }
+bool cuda_mm6(const Mm6Args &p, cudaStream_t stream) { return mm6::run(p, stream); }
+
 void cuda_matvec_experts(int type, const ExpertMatvec &p, cudaStream_t stream) {
     check_cols(type, p.n_cols, "CUDA expert matvec");
     if (p.n_mats < 1 || p.n_mats > 2 || p.n_ids < 0 || p.n_rows < 0 || !p.x || !p.W[0] || !p.y[0] ||
@@ -1052,6 +1057,59 @@ void cuda_matvec_host(int type, const void *W, int64_t n_rows, int64_t n_cols, c
         cuda_matvec(type, dW, n_rows, n_cols, dx, dy, nullptr);
         DS4_CUDA_CHECK(cudaDeviceSynchronize());
         DS4_CUDA_CHECK(cudaMemcpy(y, dy, (size_t)n_rows * 4, cudaMemcpyDeviceToHost));
+    } catch (...) {
+        cleanup();
+        throw;
+    }
+    cleanup();
+}
+
+void cuda_mm6_host(int type, const void *W, int64_t n_experts, int64_t n_rows, int64_t n_cols, const float *X,
+                   int64_t n_x, const int32_t *x_idx, const int32_t *off, int64_t n_tok, float *Y) {
+    check_cols(type, n_cols, "CUDA batched product");
+    require_device();
+    const size_t wbytes = row_bytes(type, n_cols) * (size_t)n_rows * (size_t)n_experts;
+    std::vector<void *> bufs;
+    auto dev = [&](size_t bytes) {
+        void *p = nullptr;
+        DS4_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 16));
+        bufs.push_back(p);
+        return p;
+    };
+    auto cleanup = [&] {
+        for (void *p : bufs) cudaFree(p);
+    };
+    try {
+        Mm6Args p;
+        p.type = type;
+        p.W[0] = dev(wbytes);
+        p.Y[0] = static_cast<float *>(dev((size_t)n_tok * n_rows * 4));
+        p.n_rows = n_rows;
+        p.n_cols = n_cols;
+        p.X = static_cast<float *>(dev((size_t)n_x * n_cols * 4));
+        p.x_ld = n_cols;
+        p.n_x = n_x;
+        p.n_tok = (int)n_tok;
+        p.y_ld = n_rows;
+        p.scratch_bytes = cuda_mm6_scratch(n_x, n_cols);
+        p.scratch = dev(p.scratch_bytes);
+        DS4_CUDA_CHECK(cudaMemcpy(const_cast<void *>(p.W[0]), W, wbytes, cudaMemcpyHostToDevice));
+        DS4_CUDA_CHECK(cudaMemcpy(const_cast<float *>(p.X), X, (size_t)n_x * n_cols * 4, cudaMemcpyHostToDevice));
+        if (x_idx) {
+            p.x_idx = static_cast<int *>(dev((size_t)n_tok * 4));
+            DS4_CUDA_CHECK(cudaMemcpy(const_cast<int *>(p.x_idx), x_idx, (size_t)n_tok * 4, cudaMemcpyHostToDevice));
+        }
+        if (off) {
+            p.off = static_cast<int *>(dev((size_t)(n_experts + 1) * 4));
+            DS4_CUDA_CHECK(cudaMemcpy(const_cast<int *>(p.off), off, (size_t)(n_experts + 1) * 4, cudaMemcpyHostToDevice));
+            p.n_experts = (int)n_experts;
+            p.expert_stride = (int64_t)(row_bytes(type, n_cols) * (size_t)n_rows);
+        }
+        if (!cuda_mm6(p, nullptr))
+            fail(DS4_E_ARG, "no batched tensor-core kernel for %s [%lld x %lld] (Q8_0, Q2_K, IQ2_XXS with 16-byte rows)",
+                 type_name(type), (long long)n_rows, (long long)n_cols);
+        DS4_CUDA_CHECK(cudaDeviceSynchronize());
+        DS4_CUDA_CHECK(cudaMemcpy(Y, p.Y[0], (size_t)n_tok * n_rows * 4, cudaMemcpyDeviceToHost));
     } catch (...) {
         cleanup();
         throw;
