@@ -58,3 +58,32 @@ def test_drives_a_decode_step_on_the_cpu_engine(engine_lib):
     assert r.returncode == 0, r.stderr
     assert "decode at ctx 8:" in r.stderr and "ms/token" in r.stderr
     assert "profiled step:" in r.stderr
+
+
+def test_drives_a_prefill_step_on_the_cpu_engine(engine_lib):
+    r = subprocess.run([sys.executable, str(TOOL), str(demo_model_path()), "--lib", str(engine_lib), "--backend",
+                        "cpu", "--ctx", "4", "--steps", "2", "--prefill", "6"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "profiled step:" in r.stderr
+
+
+AB = Path(__file__).resolve().parents[1] / "tools" / "prefill_ab.py"
+
+
+def test_prefill_ab_alternates_settings_and_compares_logits(engine_lib):
+    """tools/prefill_ab.py on the CPU engine: every setting in every round, in order, the first setting's logits as
+    the reference; --no-roundtrip runs; a bad setting is a one-line usage error."""
+    base = [sys.executable, str(AB), str(demo_model_path()), "--lib", str(engine_lib), "--backend", "cpu",
+            "--tokens", "6"]
+    r = subprocess.run(base + ["--rounds", "2", "--config", "a:", "--config", "b:DS4_CPU_THREADS=1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split()[:3] for ln in lines] == [["round", "0", "a:"], ["round", "0", "b:"], ["round", "1", "a:"],
+                                                ["round", "1", "b:"]]
+    assert all(ln.endswith("rel diff vs first 0") for ln in lines)  # thread count never changes the result
+    off = subprocess.run(base + ["--config", "a:", "--no-roundtrip"], capture_output=True, text=True, timeout=300)
+    assert off.returncode == 0 and "finite True" in off.stdout, off.stderr
+    bad = subprocess.run(base + ["--config", "noseparator"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected NAME:VAR=VALUE" in bad.stderr
