@@ -169,9 +169,9 @@ def check_matmul(lib, type_name: str) -> list[str]:
     cases = []
     w = random_matrix(type_name, 300, cols, seed=21, bounded=True)
     cases.append(("dense 300 rows x 37 tokens", w, 1, rng.standard_normal((37, cols)), None, None, 37))
-    w3 = random_matrix(type_name, 3 * 256, cols, seed=22, bounded=True)
+    w3 = random_matrix(type_name, 3 * 384, cols, seed=22, bounded=True)
     X = rng.standard_normal((11, cols)) * rng.uniform(0.01, 100, size=(11, 1))
-    cases.append(("3 experts x 256 rows, 29 slots", w3, 3, X, rng.integers(0, 11, size=29), [0, 13, 13, 29], 29))
+    cases.append(("3 experts x 384 rows, 29 slots", w3, 3, X, rng.integers(0, 11, size=29), [0, 13, 13, 29], 29))
     for name, raw, ne, X, x_idx, off, n_tok in cases:
         X = X.astype(np.float32)
         rows = raw.shape[0] // ne

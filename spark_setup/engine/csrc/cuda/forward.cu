@@ -506,6 +506,100 @@ __global__ void compressor_kernel(const float *c, const float *z, int c_ld, int 
     }
 }
 
+// The same for a batched step, in parallel (the sequential kernel above walked the step's tokens in one block;
+// run 84: 10% of a 256-token step's kernel time): compressor_rows_kernel computes each row a window completed in
+// the step, one block per window, reading each slot from the step's token (the value the sequential kernel would
+// have stored: c, and z + ape of the slot) or, for positions before the step, from the state as the step found it;
+// compressor_state_kernel then leaves the state as the sequential kernel would (launched after it: it overwrites
+// what the rows kernel reads). Same arithmetic in the same order: bit for bit the sequential kernel's rows.
+// Positions of a step are consecutive (st[t].pos = st[0].pos + t).
+__global__ void compressor_rows_kernel(const float *c, const float *z, int c_ld, int n_tok, const float *ape,
+                                       int ratio, int csa, int head, const Step *st, const float *kv_state,
+                                       const float *sc_state, const float *norm_w, float eps, int n_rot,
+                                       const float *inv_freq, int roundtrip, float *rows_out) {
+    extern __shared__ float s[];
+    const int width = (csa ? 2 : 1) * head;
+    const int n_slots = csa ? 2 * ratio : ratio;
+    const int64_t p0 = st[0].pos, pl = p0 + n_tok - 1, k0 = p0 / ratio;
+    const int64_t p = (k0 + 1) * ratio - 1 + (int64_t)blockIdx.x * ratio;  // the position completing this window
+    if (p > pl) return;  // uniform over the block
+    // slot q's kv and score in column j (csa: q < ratio the previous window's first half, else the current
+    // window's second half, as the sequential kernel's rows)
+    auto val = [&](int q, int j, float &kv, float &sc) {
+        const int64_t pos = p + 1 - n_slots + q;
+        const int slot = q % ratio, col = (csa && q >= ratio) ? head + j : j;
+        if (pos >= p0) {
+            const int64_t t = pos - p0;
+            kv = c[(size_t)t * c_ld + col];
+            sc = z[(size_t)t * c_ld + col] + ape[(size_t)slot * width + col];
+        } else {  // before the step: the current window's rows if pos is in the window the step began in
+            const int row = (csa && pos >= k0 * ratio) ? ratio + slot : slot;
+            kv = kv_state[(size_t)row * width + col];
+            sc = sc_state[(size_t)row * width + col];
+        }
+    };
+    for (int j = threadIdx.x; j < head; j += blockDim.x) {
+        float mx = -INFINITY, kv, sc;
+        for (int q = 0; q < n_slots; q++) {
+            val(q, j, kv, sc);
+            mx = fmaxf(mx, sc);
+        }
+        float acc = 0.0f;
+        if (isfinite(mx)) {
+            double sum = 0.0;
+            for (int q = 0; q < n_slots; q++) {
+                val(q, j, kv, sc);
+                sum += expf(sc - mx);
+            }
+            const float inv = (float)(1.0 / sum);
+            for (int q = 0; q < n_slots; q++) {
+                val(q, j, kv, sc);
+                const float wt = expf(sc - mx) * inv;
+                if (wt != 0.0f) acc += wt * kv;
+            }
+        }
+        s[j] = acc;
+    }
+    __syncthreads();
+    block_rms(s, head, norm_w, eps);
+    block_rope(s, head, n_rot, inv_freq, p + 1 - ratio, false);
+    if (roundtrip == 1) block_kv_roundtrip(s, head, head - n_rot);
+    if (roundtrip == 2) block_indexer_roundtrip(s, head);
+    float *dst = rows_out + (size_t)(p / ratio) * head;
+    for (int j = threadIdx.x; j < head; j += blockDim.x) dst[j] = s[j];
+}
+
+__global__ void compressor_state_kernel(const float *c, const float *z, int c_ld, int n_tok, const float *ape,
+                                        int ratio, int csa, int head, const Step *st, float *kv_state,
+                                        float *sc_state) {
+    const int width = (csa ? 2 : 1) * head;
+    const int64_t p0 = st[0].pos, pl = p0 + n_tok - 1;
+    const int64_t kc = (pl + 1) / ratio - 1;               // the last window completed by pl
+    const bool done = kc >= 0 && (kc + 1) * ratio - 1 >= p0;  // ... and by this step
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < ratio * width; i += gridDim.x * blockDim.x) {
+        const int slot = i / width, col = i - slot * width;
+        const size_t cur = (size_t)((csa ? ratio : 0) + slot) * width + col;
+        float kv = kv_state[cur], sc = sc_state[cur];  // the step's last write to this slot, else the old row
+        const int64_t last = pl - (((pl - slot) % ratio) + ratio) % ratio;
+        if (last >= p0) {
+            kv = c[(size_t)(last - p0) * c_ld + col];
+            sc = z[(size_t)(last - p0) * c_ld + col] + ape[(size_t)slot * width + col];
+        }
+        if (csa && done) {  // the current window becomes the previous one at every completion: the last one's
+            const int64_t pos = kc * ratio + slot;
+            float pkv = kv_state[cur], psc = sc_state[cur];
+            if (pos >= p0) {
+                pkv = c[(size_t)(pos - p0) * c_ld + col];
+                psc = z[(size_t)(pos - p0) * c_ld + col] + ape[(size_t)slot * width + col];
+            }
+            kv_state[(size_t)slot * width + col] = pkv;
+            sc_state[(size_t)slot * width + col] = psc;
+        }
+        kv_state[cur] = kv;
+        sc_state[cur] = sc;
+    }
+}
+
 // 9a. indexer queries: RoPE (compress settings) at pos, round-trip; block per head, in place.
 __global__ void idx_q_kernel(float *qi, int dim, int n_rot, const float *inv_freq, const Step *st, int roundtrip,
                              int rows_per_tok) {
@@ -740,7 +834,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
 // attention_kernel for kAttnHeads heads per block (batched prefill steps with DS4_CUDA_PREFILL_GEMM=1): every
 // head reads the same rows (one shared KV head), so a block loads each row once for kAttnHeads heads instead of
 // once per head (a quarter of the L2 traffic). Per head the arithmetic and its order are attention_kernel's.
-constexpr int kAttnHeads = 4;
+// kMhRows: rows a warp loads before using any. 2 (attention_kernel's batching, 239 registers, one CTA per SM) lost
+// to 1 (118, two CTAs) in run 87: prefill 907 against 972 t/s; written this way (each_row), 1 row beat the old loop
+// (ncu: 83.0 -> 58.7 ms of attention in a 256-token step, run 86 -> 87).
+constexpr int kAttnHeads = 4, kMhRows = 1;
 __global__ void __launch_bounds__(32 * kAttnWarps)
     attention_mh_kernel(const float *q, const float *ring, const float *comp, const int *sel, const int *n_sel,
                         int use_sel, int sel_ld, int ratio, int window, int ring_rows, int hd, int n_rot,
@@ -772,17 +869,32 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
         const int c = use_sel ? sel[i - n_raw] : i - n_raw;
         return comp + (size_t)c * hd;
     };
+    // each_row(f): f(i, this lane's values of row i) for every row of this warp, kMhRows rows loaded at a time
+    auto each_row = [&](auto &&f) {
+        for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kMhRows) {
+            float rv[kMhRows][kMaxLaneVals];
+#pragma unroll
+            for (int u = 0; u < kMhRows; u++) {
+                const int i = i0 + u * kAttnWarps;
+                const float *r = i < n_all ? row_ptr(i) : nullptr;
+#pragma unroll
+                for (int j = 0; j < kMaxLaneVals; j++) rv[u][j] = r && j < nj ? r[lane + 32 * j] : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < kMhRows; u++) {
+                const int i = i0 + u * kAttnWarps;
+                if (i >= n_all) break;
+                f(i, rv[u]);
+            }
+        }
+    };
     {
         float qv[kAttnHeads][kMaxLaneVals];
 #pragma unroll
         for (int hh = 0; hh < kAttnHeads; hh++)
 #pragma unroll
             for (int j = 0; j < kMaxLaneVals; j++) qv[hh][j] = j < nj ? q[(size_t)(h0 + hh) * hd + lane + 32 * j] : 0.0f;
-        for (int i = warp; i < n_all; i += kAttnWarps) {
-            const float *r = row_ptr(i);
-            float rv[kMaxLaneVals];
-#pragma unroll
-            for (int j = 0; j < kMaxLaneVals; j++) rv[j] = j < nj ? r[lane + 32 * j] : 0.0f;
+        each_row([&](int i, const float (&rv)[kMaxLaneVals]) {
 #pragma unroll
             for (int hh = 0; hh < kAttnHeads; hh++) {
                 float dot = 0.0f;
@@ -792,7 +904,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
                 dot = warp_sum_t(dot);
                 if (lane == 0) probs[hh * n_pad + i] = dot * scale;
             }
-        }
+        });
     }
     __syncthreads();
     float inv[kAttnHeads];
@@ -818,11 +930,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
     for (int hh = 0; hh < kAttnHeads; hh++)
 #pragma unroll
         for (int j = 0; j < kMaxLaneVals; j++) acc[hh][j] = 0.0f;
-    for (int i = warp; i < n_all; i += kAttnWarps) {
-        const float *r = row_ptr(i);
-        float rv[kMaxLaneVals];
-#pragma unroll
-        for (int j = 0; j < kMaxLaneVals; j++) rv[j] = j < nj ? r[lane + 32 * j] : 0.0f;
+    each_row([&](int i, const float (&rv)[kMaxLaneVals]) {
 #pragma unroll
         for (int hh = 0; hh < kAttnHeads; hh++) {
             const float pr = probs[hh * n_pad + i] * inv[hh];
@@ -830,7 +938,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
             for (int j = 0; j < kMaxLaneVals; j++)
                 if (j < nj) acc[hh][j] += pr * rv[j];
         }
-    }
+    });
 #pragma unroll
     for (int hh = 0; hh < kAttnHeads; hh++) {
 #pragma unroll
@@ -1591,6 +1699,7 @@ public:
     void *x6 = nullptr;    // cuda_mm6's digit planes of x
     size_t x6_bytes = 0;
     int ring_rows = 0;     // raw-window ring slots: window + bmax - 1
+    bool comp_seq = false; // DS4_CUDA_COMPRESS_SEQ=1: batched steps' compressors walk their tokens in one block
     int sm_count = 0;
     // graph keys: 0..3 = one token (head?, indexer?), 4..5 = a full prefill batch without head (indexer?)
     cudaGraphExec_t graphs[6] = {};
@@ -1663,6 +1772,7 @@ void CudaSession::init() {
     bmax = std::max(1, std::min(kMaxBatch, env_int("DS4_CUDA_PREFILL_BATCH", kMaxBatch)));
     gemm = env_int("DS4_CUDA_PREFILL_GEMM", 1) != 0;
     mm6 = gemm && env_int("DS4_CUDA_MM6", 1) != 0;
+    comp_seq = env_int("DS4_CUDA_COMPRESS_SEQ", 0) != 0;
     ring_rows = hp.window + bmax - 1;
     int dev = 0;
     DS4_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1816,7 +1926,7 @@ void CudaSession::init() {
     const size_t attn_mh_smem_max = (size_t)(kAttnHeads * ((max_rows + 3) & ~3) + (kAttnWarps + 1) * hd) * 4;
     if (attn_mh_smem_max > 48 * 1024)
         DS4_CUDA_CHECK(cudaFuncSetAttribute(attention_mh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      (int)attn_mh_smem_max));
+                                            (int)attn_mh_smem_max));
     if (idx_smem > 48 * 1024)
         DS4_CUDA_CHECK(cudaFuncSetAttribute(idx_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)idx_smem));
     const size_t e_smem = (size_t)E * 4;
@@ -2087,6 +2197,23 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
     const int ew_grid = (E + 255) / 256;
     const size_t e_smem = (size_t)E * 4;
     const bool one = nb == 1;
+    // 7. and 8.: a compressor; one token walks its state (compressor_kernel), a batched step runs in parallel
+    auto compress = [&](const float *cx, const float *cz_, int c_ld, int n, const float *ape, int ratio, int csa,
+                        int head, float *kv_state, float *sc_state, const float *norm_w, float eps_, int n_rot,
+                        int rt, float *rows_out, int threads) {
+        if (n == 1 || comp_seq) {
+            compressor_kernel<<<1, threads, head * 4, s>>>(cx, cz_, c_ld, n, ape, ratio, csa, head, d_steps, kv_state,
+                                                           sc_state, norm_w, eps_, n_rot, C.d_rope_comp, rt, rows_out);
+        } else {
+            compressor_rows_kernel<<<n / ratio + 1, threads, head * 4, s>>>(cx, cz_, c_ld, n, ape, ratio, csa, head,
+                                                                            d_steps, kv_state, sc_state, norm_w, eps_,
+                                                                            n_rot, C.d_rope_comp, rt, rows_out);
+            const int width = (csa ? 2 : 1) * head;
+            compressor_state_kernel<<<(ratio * width + 255) / 256, 256, 0, s>>>(cx, cz_, c_ld, n, ape, ratio, csa,
+                                                                                head, d_steps, kv_state, sc_state);
+        }
+        DS4_CUDA_CHECK(cudaGetLastError());
+    };
 
     // 0. embedding into every stream
     embed_kernel<<<dim3(ew_grid, nb), 256, 0, s>>>(C.dev(M->tok_embd), M->tok_embd.type, E, hc, d_steps, H);
@@ -2121,9 +2248,8 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
                 mm(w.cmp_kv, a, E, cc, 2 * hd, nb);
                 mm(w.cmp_gate, a, E, cz, 2 * hd, nb);
             }
-            compressor_kernel<<<1, 512, hd * 4, s>>>(cc, cz, 2 * hd, nb, C.d_cmp_ape[l], r, w.csa ? 1 : 0, hd, d_steps,
-                                                     ld.ckv, ld.csc, C.devf(w.cmp_norm), eps, nrot, C.d_rope_comp,
-                                                     roundtrip ? 1 : 0, ld.comp);
+            compress(cc, cz, 2 * hd, nb, C.d_cmp_ape[l], r, w.csa ? 1 : 0, hd, ld.ckv, ld.csc, C.devf(w.cmp_norm),
+                     eps, nrot, roundtrip ? 1 : 0, ld.comp, 512);
         }
         // 8-9. indexer compressor; indexer selection once more than top-k rows are visible (a token of the step
         // that still sees <= top-k rows gets all of them from the top-k kernel)
@@ -2135,9 +2261,8 @@ void CudaSession::enqueue_step(int nb, bool idx_active) {
                 mm(w.idx_kv, a, E, ic, 2 * ID, nb);
                 mm(w.idx_gate, a, E, iz, 2 * ID, nb);
             }
-            compressor_kernel<<<1, 256, ID * 4, s>>>(ic, iz, 2 * ID, nb, C.d_idx_ape[l], r, 1, ID, d_steps, ld.ikv,
-                                                     ld.isc, C.devf(w.idx_norm), eps, nrot, C.d_rope_comp,
-                                                     roundtrip ? 2 : 0, ld.idx);
+            compress(ic, iz, 2 * ID, nb, C.d_idx_ape[l], r, 1, ID, ld.ikv, ld.isc, C.devf(w.idx_norm), eps, nrot,
+                     roundtrip ? 2 : 0, ld.idx, 256);
             if (idx_active) {
                 use_sel = true;
                 if (one) {

@@ -357,8 +357,9 @@ void launch(const Args &a, int n_mats, int n_experts, cudaStream_t s) {
     kernel<<<grid, 32 * kW, Ly::kBytes, s>>>(a);
 }
 
-// cuda_mm6 (quant.h). Expert mode: ~6 slots an expert in a 256-token step, so 8-slot tiles (NP 4); dense: 16,
-// or 8 where a CTA of 16 does not fit (Q8_0's 107 KB on a GB10, ~99 KB per block).
+// cuda_mm6 (quant.h). Expert mode: ~6 slots an expert in a 256-token step, so 8-slot tiles (NP 4; run 86: 16-slot
+// tiles, one 131 KB CTA per SM, prefill 917 -> 759 t/s); dense: 16, or 8 where a CTA of 16 does not fit (Q8_0's
+// 107 KB on a GB10, ~99 KB per block).
 template <int T>
 bool run_t(const Args &a, const Mm6Args &p, cudaStream_t s) {
     const int np = !p.off && fits<T, 8>() ? 8 : fits<T, 4>() ? 4 : 0;
