@@ -136,8 +136,8 @@ def main(argv=None) -> int:
 
     lib = _lib.load()
     contexts = [int(c) for c in args.contexts.split(",")]
-    # the engine's defaults when the variables are unset (cuda/forward.cu: batches of 256 through the GEMM path)
-    res: dict = {"prefill_batch": int(os.environ.get("DS4_CUDA_PREFILL_BATCH", "256") or 256),
+    # the engine's defaults when the variables are unset (cuda/forward.cu: batches of 1024 through the GEMM path)
+    res: dict = {"prefill_batch": int(os.environ.get("DS4_CUDA_PREFILL_BATCH", "1024") or 1024),
                  "prefill_gemm": int(os.environ.get("DS4_CUDA_PREFILL_GEMM", "1") or 1),
                  "model": str(args.model), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "version": lib.ds4_version_string().decode(), "rows": []}
