@@ -31,3 +31,10 @@ def cuda_lib(tmp_path_factory):
 @pytest.mark.parametrize("type_name", list(gpu_check.TYPES))
 def test_cuda_kernels_match_cpu_and_gguf(cuda_lib, type_name):
     assert gpu_check.check_type(cuda_lib, type_name, have_gguf=True) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("type_name", list(gpu_check.MM_COLS))
+def test_cuda_batched_product_matches_float64_and_cpu(cuda_lib, type_name):
+    """The prefill's tensor-core GEMM (cuda_mm6 through ds4_matmul), dense and expert mode."""
+    assert gpu_check.check_matmul(cuda_lib, type_name) == []
