@@ -385,7 +385,9 @@ bool run(const Mm6Args &p, cudaStream_t s) {
     if (K <= 0 || K % 256 || L > (1 << 24) || rb % 16 || p.n_rows <= 0 || p.n_rows >= (1 << 30) || p.n_tok <= 0 ||
         !al16(p.W[0]) || (p.n_mats > 1 && !al16(p.W[1])) || !al16(p.X) || p.x_ld % 4 || p.x_ld < L ||
         p.expert_stride % 16 || (grouped && (rpg % kRowsPerCta || p.xgs % 256)) || p.n_x <= 0 ||
-        p.n_mats < 1 || p.n_mats > 2 || (p.off && p.n_experts <= 0) || (!p.off && p.n_tok > p.n_x && !p.x_idx) ||
+        p.n_mats < 1 || p.n_mats > 2 || (p.off && (p.n_experts <= 0 || p.n_experts > 65535)) ||
+        (!p.off && p.n_tok > p.n_x && !p.x_idx) || (p.n_rows + kRowsPerCta - 1) / kRowsPerCta > 65535 ||
+        p.n_x > 65535 ||
         !p.scratch || !al16(p.scratch) || p.scratch_bytes < planes_bytes(p.n_x, L))
         return false;
     Args a{};
