@@ -2,7 +2,7 @@
 // matvec6.cuh; entry point cuda_mm6, quant.h).
 //
 // Why: the f32 GEMM of the prefill step (mmq_kernel, cuda/forward.cu) decodes every weight into a float and spends
-// one FMA per weight and token. H200 run 83 (bench/h200/run83-2348/) put 88% of a 256-token step in it: 54% in the
+// one FMA per weight and token. H200 run 83 (bench/h200/run83-2351/) put 88% of a 256-token step in it: 54% in the
 // routed experts, where a 256-token step gives each expert ~6 tokens, so the decode itself dominates. Here the
 // weights are decoded exactly as v6 decodes them for a matvec (matvec6.cuh: the same A fragments, by the same
 // per-type helpers), once per 16-row x 32-column tile, and that tile then meets up to 2 NP tokens: the mma's B
@@ -12,8 +12,8 @@
 //    256 columns of a row; scale groups of 256 columns for every type), then staged per chunk with cp.async.
 //  - A CTA is 8 warps of 16 rows (128 rows) and one tile of up to 2 NP token slots; chunks of CHUNK columns (v6's
 //    8-warp chunk of the type) are double buffered: the weights per warp, the x planes per CTA.
-//  - Expert mode: the grid's y is the expert; a CTA walks that expert's slots (few in a prefill step) and returns at
-//    once for an expert no token chose. Dense mode: the grid's x is the token tile, so that consecutive CTAs share
+//  - Expert mode: the grid's y is the expert; a CTA walks that expert's slots (~6 in a 256-token step, ~24 in a
+//    1024-token one) and returns at once for an expert no token chose. Dense mode: the grid's x is the token tile, so that consecutive CTAs share
 //    weight rows in L2.
 namespace mm6 {
 
@@ -357,9 +357,10 @@ void launch(const Args &a, int n_mats, int n_experts, cudaStream_t s) {
     kernel<<<grid, 32 * kW, Ly::kBytes, s>>>(a);
 }
 
-// cuda_mm6 (quant.h). Expert mode: ~6 slots an expert in a 256-token step, so 8-slot tiles (NP 4; run 86: 16-slot
-// tiles, one 131 KB CTA per SM, prefill 917 -> 759 t/s); dense: 16, or 8 where a CTA of 16 does not fit (Q8_0's
-// 107 KB on a GB10, ~99 KB per block).
+// cuda_mm6 (quant.h). Expert mode: 8-slot tiles (NP 4), chosen with 256-token steps, where an expert gets ~6 slots
+// (run 86: 16-slot tiles, one 131 KB CTA per SM, prefill 917 -> 759 t/s); with the 1024-token steps of run 89 (~24
+// slots an expert) 16-slot tiles are untried. Dense: 16, or 8 where a CTA of 16 does not fit (Q8_0's 107 KB on a
+// GB10, ~99 KB per block).
 template <int T>
 bool run_t(const Args &a, const Mm6Args &p, cudaStream_t s) {
     const int np = !p.off && fits<T, 8>() ? 8 : fits<T, 4>() ? 4 : 0;
