@@ -734,6 +734,30 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(const float *scores,
     if (threadIdx.x == 0) *n_sel = out_total;
 }
 
+// The attention kernels' row walk: f(i, this lane's values of row i) for every row i = warp, warp + kAttnWarps, ...
+// below n_all, ROWS rows loaded before any is used (a row at a time left each warp waiting on one memory latency
+// per row: 85 us a layer at 2k context, run 43); the arithmetic and its order per row do not depend on ROWS.
+template <int ROWS, class RowPtr, class F>
+__device__ __forceinline__ void each_row(int n_all, int nj, const RowPtr &row_ptr, F &&f) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * ROWS) {
+        float rv[ROWS][kMaxLaneVals];
+#pragma unroll
+        for (int u = 0; u < ROWS; u++) {
+            const int i = i0 + u * kAttnWarps;
+            const float *r = i < n_all ? row_ptr(i) : nullptr;
+#pragma unroll
+            for (int j = 0; j < kMaxLaneVals; j++) rv[u][j] = r && j < nj ? r[lane + 32 * j] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < ROWS; u++) {
+            const int i = i0 + u * kAttnWarps;
+            if (i >= n_all) break;
+            f(i, rv[u]);
+        }
+    }
+}
+
 // 10-11. Attention of head blockIdx.x over the raw window rows and the visible compressed rows (all of
 // [0, (pos+1)/r), or sel[0..*n_sel) when use_sel), softmax with the sink, inverse RoPE on the output.
 // Warps take rows round-robin; lane l holds dims l, l+32, ... of the query and of its partial output.
@@ -770,29 +794,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
         const int c = use_sel ? sel[i - n_raw] : i - n_raw;
         return comp + (size_t)c * hd;
     };
-    // Each warp loads kAttnRows of its rows (i0, i0 + kAttnWarps, ...) before using any (a row at a time left each
-    // warp waiting on one memory latency per row: 85 us a layer at 2k context, run 43); the arithmetic and its order
-    // per row are unchanged.
-    // each_row(f): f(i, this lane's values of row i) for every row of this warp, in batches of kAttnRows rows
-    auto each_row = [&](auto &&f) {
-        for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kAttnRows) {
-            float rv[kAttnRows][kMaxLaneVals];
-#pragma unroll
-            for (int u = 0; u < kAttnRows; u++) {
-                const int i = i0 + u * kAttnWarps;
-                const float *r = i < n_all ? row_ptr(i) : nullptr;
-#pragma unroll
-                for (int j = 0; j < kMaxLaneVals; j++) rv[u][j] = r && j < nj ? r[lane + 32 * j] : 0.0f;
-            }
-#pragma unroll
-            for (int u = 0; u < kAttnRows; u++) {
-                const int i = i0 + u * kAttnWarps;
-                if (i >= n_all) break;
-                f(i, rv[u]);
-            }
-        }
-    };
-    each_row([&](int i, const float (&r)[kMaxLaneVals]) {
+    each_row<kAttnRows>(n_all, nj, row_ptr, [&](int i, const float (&r)[kMaxLaneVals]) {
         float dot = 0.0f;
 #pragma unroll
         for (int j = 0; j < kMaxLaneVals; j++)
@@ -816,7 +818,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
     float acc[kMaxLaneVals];
 #pragma unroll
     for (int j = 0; j < kMaxLaneVals; j++) acc[j] = 0.0f;
-    each_row([&](int i, const float (&r)[kMaxLaneVals]) {
+    each_row<kAttnRows>(n_all, nj, row_ptr, [&](int i, const float (&r)[kMaxLaneVals]) {
         const float pr = probs[i] * inv;
 #pragma unroll
         for (int j = 0; j < kMaxLaneVals; j++)
@@ -874,32 +876,13 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
         const int c = use_sel ? sel[i - n_raw] : i - n_raw;
         return comp + (size_t)c * hd;
     };
-    // each_row(f): f(i, this lane's values of row i) for every row of this warp, kMhRows rows loaded at a time
-    auto each_row = [&](auto &&f) {
-        for (int i0 = warp; i0 < n_all; i0 += kAttnWarps * kMhRows) {
-            float rv[kMhRows][kMaxLaneVals];
-#pragma unroll
-            for (int u = 0; u < kMhRows; u++) {
-                const int i = i0 + u * kAttnWarps;
-                const float *r = i < n_all ? row_ptr(i) : nullptr;
-#pragma unroll
-                for (int j = 0; j < kMaxLaneVals; j++) rv[u][j] = r && j < nj ? r[lane + 32 * j] : 0.0f;
-            }
-#pragma unroll
-            for (int u = 0; u < kMhRows; u++) {
-                const int i = i0 + u * kAttnWarps;
-                if (i >= n_all) break;
-                f(i, rv[u]);
-            }
-        }
-    };
     {
         float qv[kAttnHeads][kMaxLaneVals];
 #pragma unroll
         for (int hh = 0; hh < kAttnHeads; hh++)
 #pragma unroll
             for (int j = 0; j < kMaxLaneVals; j++) qv[hh][j] = j < nj ? q[(size_t)(h0 + hh) * hd + lane + 32 * j] : 0.0f;
-        each_row([&](int i, const float (&rv)[kMaxLaneVals]) {
+        each_row<kMhRows>(n_all, nj, row_ptr, [&](int i, const float (&rv)[kMaxLaneVals]) {
 #pragma unroll
             for (int hh = 0; hh < kAttnHeads; hh++) {
                 float dot = 0.0f;
@@ -935,7 +918,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
     for (int hh = 0; hh < kAttnHeads; hh++)
 #pragma unroll
         for (int j = 0; j < kMaxLaneVals; j++) acc[hh][j] = 0.0f;
-    each_row([&](int i, const float (&rv)[kMaxLaneVals]) {
+    each_row<kMhRows>(n_all, nj, row_ptr, [&](int i, const float (&rv)[kMaxLaneVals]) {
 #pragma unroll
         for (int hh = 0; hh < kAttnHeads; hh++) {
             const float pr = probs[hh * n_pad + i] * inv[hh];
