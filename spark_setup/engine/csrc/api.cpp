@@ -27,6 +27,21 @@ void fill_info(const ds4::TensorInfo &ti, ds4_tensor_info *out) {
     out->nbytes = ti.nbytes;
 }
 
+
+// The kernels' entry points run `cpu` for DS4_BACKEND_CPU and `cuda` for DS4_BACKEND_CUDA; a CUDA call in an engine
+// built without CUDA, or another backend, is a clean error. DS4_CUDA_ONLY(call) compiles the call only with CUDA.
+#ifdef DS4_WITH_CUDA
+#define DS4_CUDA_ONLY(...) __VA_ARGS__
+#else
+#define DS4_CUDA_ONLY(...) \
+    ds4::fail(DS4_E_BACKEND, "this engine was built without CUDA (rebuild with spark-setup build --arch auto)")
+#endif
+template <class Cpu, class Cuda>
+void on_backend(int backend, Cpu &&cpu, Cuda &&cuda) {
+    if (backend == DS4_BACKEND_CPU) cpu();
+    else if (backend == DS4_BACKEND_CUDA) cuda();
+    else ds4::fail(DS4_E_ARG, "unknown backend %d", backend);
+}
 }  // namespace
 
 extern "C" {
@@ -147,13 +162,10 @@ int ds4_dequantize_backend(int backend, int type, const void *data, int64_t n_ro
         DS4_CHECK_ARG(0 <= row_begin && row_begin <= row_end && row_end <= n_rows,
                       "ds4_dequantize_backend: row range [%lld, %lld) outside [0, %lld)", (long long)row_begin,
                       (long long)row_end, (long long)n_rows);
-        if (backend != DS4_BACKEND_CUDA) ds4::fail(DS4_E_ARG, "unknown backend %d", backend);
-#ifdef DS4_WITH_CUDA
-        ds4::cuda_dequant_host(type, data, n_cols, row_begin, row_end, out);
-#else
-        (void)type;
-        ds4::fail(DS4_E_BACKEND, "this engine was built without CUDA (rebuild with spark-setup build --arch auto)");
-#endif
+        on_backend(backend, [] {}, [&] {  // (DS4_BACKEND_CPU returned above)
+            (void)type;
+            DS4_CUDA_ONLY(ds4::cuda_dequant_host(type, data, n_cols, row_begin, row_end, out));
+        });
         return (int)DS4_OK;
     });
 }
@@ -162,17 +174,8 @@ int ds4_matvec(int backend, int type, const void *W, int64_t n_rows, int64_t n_c
     return ds4::guard([&] {
         DS4_CHECK_ARG(W != nullptr && x != nullptr && y != nullptr, "ds4_matvec: NULL pointer");
         DS4_CHECK_ARG(n_rows >= 0, "ds4_matvec: negative row count");
-        if (backend == DS4_BACKEND_CPU) {
-            ds4::cpu_matvec(type, W, n_rows, n_cols, x, y);
-        } else if (backend == DS4_BACKEND_CUDA) {
-#ifdef DS4_WITH_CUDA
-            ds4::cuda_matvec_host(type, W, n_rows, n_cols, x, y);
-#else
-            ds4::fail(DS4_E_BACKEND, "this engine was built without CUDA (rebuild with spark-setup build --arch auto)");
-#endif
-        } else {
-            ds4::fail(DS4_E_ARG, "unknown backend %d", backend);
-        }
+        on_backend(backend, [&] { ds4::cpu_matvec(type, W, n_rows, n_cols, x, y); },
+                   [&] { DS4_CUDA_ONLY(ds4::cuda_matvec_host(type, W, n_rows, n_cols, x, y)); });
         return (int)DS4_OK;
     });
 }
@@ -191,22 +194,17 @@ int ds4_matmul(int backend, int type, const void *W, int64_t n_experts, int64_t 
             DS4_CHECK_ARG(x_idx ? x_idx[j] >= 0 && x_idx[j] < n_x : j < n_x, "ds4_matmul: slot %lld reads no X row",
                           (long long)j);
         const size_t mat = ds4::row_bytes(type, n_cols) * (size_t)n_rows;
-        if (backend == DS4_BACKEND_CPU) {
+        auto cpu = [&] {
             int64_t e = 0;
             for (int64_t j = 0; j < n_tok; j++) {
                 while (off && j >= off[e + 1]) e++;
                 ds4::cpu_matvec(type, static_cast<const uint8_t *>(W) + e * mat, n_rows, n_cols,
                                 X + (x_idx ? x_idx[j] : j) * n_cols, Y + j * n_rows);
             }
-        } else if (backend == DS4_BACKEND_CUDA) {
-#ifdef DS4_WITH_CUDA
-            ds4::cuda_mm6_host(type, W, n_experts, n_rows, n_cols, X, n_x, x_idx, off, n_tok, Y);
-#else
-            ds4::fail(DS4_E_BACKEND, "this engine was built without CUDA (rebuild with spark-setup build --arch auto)");
-#endif
-        } else {
-            ds4::fail(DS4_E_ARG, "unknown backend %d", backend);
-        }
+        };
+        on_backend(backend, cpu, [&] {
+            DS4_CUDA_ONLY(ds4::cuda_mm6_host(type, W, n_experts, n_rows, n_cols, X, n_x, x_idx, off, n_tok, Y));
+        });
         return (int)DS4_OK;
     });
 }
