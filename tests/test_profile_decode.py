@@ -87,3 +87,10 @@ def test_prefill_ab_alternates_settings_and_compares_logits(engine_lib):
     assert off.returncode == 0 and "finite True" in off.stdout, off.stderr
     bad = subprocess.run(base + ["--config", "noseparator"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "expected NAME:VAR=VALUE" in bad.stderr
+
+
+def test_bad_counts_are_usage_errors(tmp_path):
+    for cmd in ([str(TOOL), "m.gguf", "--steps", "1"], [str(TOOL), "m.gguf", "--prefill", "-1"],
+                [str(AB), "m.gguf", "--config", "a:", "--tokens", "0"], [str(AB), "m.gguf", "--config", "a:", "--rounds", "0"]):
+        r = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "must be >=" in r.stderr and "Traceback" not in r.stderr, cmd

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-roundtrip", action="store_true")
     ap.add_argument("--backend", choices=("cuda", "cpu"), default="cuda", help="cpu: to try the script on a tiny model")
     a = ap.parse_args(argv)
+    if a.tokens < 1 or a.rounds < 1:
+        ap.error("--tokens and --rounds must be >= 1")
     if a.lib:
         os.environ["DS4_ENGINE_LIB"] = str(a.lib)
     from spark_setup.engine.runtime import Model

@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--backend", choices=("cuda", "cpu"), default="cuda", help="cpu: to try the script on a tiny model")
     ap.add_argument("--summarize", action="store_true", help="MODEL is a CSV written by ncu: fold it by kernel")
     a = ap.parse_args()
+    if a.ctx < 0 or a.steps < 2 or a.prefill < 0:
+        ap.error("--ctx and --prefill must be >= 0 and --steps >= 2")
     if a.summarize:
         return summarize(a.model)
     from spark_setup.errors import UserError
