@@ -127,6 +127,13 @@ def main(argv=None) -> int:
                     help="run the --compare sessions with the FP8/FP4/F16 round-trips off (f32 throughout), where "
                     "two prefill paths should agree to rounding; with them on, random weights amplify any difference")
     args = ap.parse_args(argv)
+    for cfg in filter(None, args.compare.split(",")):
+        if not all(f.isdigit() for f in cfg.split(":")) or len(cfg.split(":")) > 3:
+            ap.error(f"--compare: {cfg!r} is not BATCH:GEMM[:MM6] (integers, e.g. 1024:1:1)")
+    try:
+        [int(c) for c in args.contexts.split(",")]
+    except ValueError:
+        ap.error(f"--contexts: {args.contexts!r} is not a comma-separated list of token counts")
     t_start = time.monotonic()
     deadline = t_start + args.deadline_s
     if args.lib:
