@@ -425,6 +425,35 @@ def test_busy_port_is_a_one_line_error(engine_lib, tmp_path):
     assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_accepted_connections_have_nagle_off():
+    """serve() hands bind_socket()'s socket to uvicorn, which accepts on it with loop.create_server(sock=...).
+    asyncio sets TCP_NODELAY only on accepted sockets whose proto is IPPROTO_TCP; with Nagle on, each response after
+    the first on a kept-alive connection (the openai client, llama-benchy) waited ~40 ms for a delayed ACK."""
+    import asyncio
+
+    from spark_setup.engine.server import bind_socket
+
+    async def main() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=bind_socket("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            w.close()
+            server.close()
+
+    assert asyncio.run(main()) != 0
+
+
 def test_a_model_that_cannot_load_exits_1_with_one_line(engine_lib, tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(demo_model_path().read_bytes()[:5000])  # truncated
