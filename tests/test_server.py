@@ -474,3 +474,134 @@ def test_multi_turn_with_system_text(client, tok):
     assert r.choices[0].message.content == "Paris"
     expected = chat.encode(tok, chat.parse_messages(messages), thinking=False)
     assert r.usage.prompt_tokens == len(expected)
+
+
+# ---- Anthropic's Messages API (/v1/messages) and OpenAI's Responses API (/v1/responses), by their real clients ----
+anthropic = pytest.importorskip("anthropic")
+GREEDY = {"temperature": 0}  # anthropic 2.x has no temperature argument; the server still reads the field
+REASONING = f"The user asks: {Q_PLAIN} The capital of France is Paris."
+
+
+@pytest.fixture()
+def claude(server):
+    return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_messages_answers_with_anthropic_usage_and_stop_reason(claude, tok):
+    m = claude.messages.create(model="ds4-demo", max_tokens=20, messages=user(Q), thinking={"type": "disabled"},
+                               extra_body=GREEDY)
+    assert [(b.type, b.text) for b in m.content] == [("text", "Paris")]
+    assert (m.role, m.stop_reason, m.stop_sequence) == ("assistant", "end_turn", None)
+    assert m.usage.input_tokens == len(tok.encode(chat.render([chat.Message("user", Q)], thinking=False)))
+    assert m.usage.output_tokens == len(tok.encode("Paris"))
+
+
+def test_messages_thinking_comes_as_a_thinking_block_streamed_or_not(claude):
+    m = claude.messages.create(model="ds4-demo", max_tokens=60, messages=user(Q), extra_body=GREEDY)
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    assert (m.content[0].thinking, m.content[1].text) == (REASONING, "Paris")
+    with claude.messages.stream(model="ds4-demo", max_tokens=60, messages=user(Q), extra_body=GREEDY) as s:
+        kinds = [e.type for e in s if e.type not in ("text", "thinking")]  # the SDK's own derived events
+        final = s.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or b.text) for b in final.content] == \
+        [("thinking", REASONING), ("text", "Paris")]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 2
+    assert final.usage.output_tokens == m.usage.output_tokens and final.stop_reason == "end_turn"
+
+
+def test_messages_stop_sequences_max_tokens_and_system(claude):
+    m = claude.messages.create(model="x", max_tokens=30, messages=user(Q_PLAIN), stop_sequences=["Paris", " is Par"],
+                               thinking={"type": "disabled"}, extra_body=GREEDY)
+    # " is Par" starts first, across three tokens: that is the one reported, and none of it is emitted
+    assert (m.content[0].text, m.stop_reason, m.stop_sequence) == ("The capital of France", "stop_sequence", " is Par")
+    with claude.messages.stream(model="x", max_tokens=3, messages=user(Q_PLAIN), thinking={"type": "disabled"},
+                                extra_body=GREEDY) as s:
+        cut = s.get_final_message()
+    assert (cut.content[0].text, cut.stop_reason, cut.usage.output_tokens) == ("The capital of", "max_tokens", 3)
+    turns = [{"role": "user", "content": "What is the capital of Italy?"},
+             {"role": "assistant", "content": [{"type": "text", "text": "The capital of Italy is Rome."}]},
+             {"role": "user", "content": [{"type": "text", "text": Q}]}]
+    m = claude.messages.create(model="x", max_tokens=20, system="You are a helpful assistant.", messages=turns,
+                               thinking={"type": "disabled"}, extra_body=GREEDY)
+    assert m.content[0].text == "Paris"
+
+
+def test_messages_errors_come_in_anthropic_shape(claude, server):
+    with pytest.raises(anthropic.BadRequestError, match="tools"):
+        claude.messages.create(model="x", max_tokens=5, messages=user("hi"),
+                               tools=[{"name": "f", "input_schema": {"type": "object"}}])
+    with pytest.raises(anthropic.BadRequestError, match="image"):
+        claude.messages.create(model="x", max_tokens=5, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}])
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(
+            model="x", max_tokens=5, messages=user("hi"))
+    r = httpx.post(server.url + "/v1/messages", headers={"x-api-key": KEY}, json={"model": "x", "messages": user("hi")})
+    assert r.status_code == 400
+    assert r.json() == {"type": "error", "error": {"type": "invalid_request_error", "message": "'max_tokens' is required"}}
+
+
+def test_responses_answers_with_reasoning_item_and_usage(client, tok):
+    r = client.responses.create(model="x", input=Q, temperature=0)
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == REASONING and r.output_text == "Paris" and r.status == "completed"
+    assert r.usage.input_tokens == len(tok.encode(chat.render([chat.Message("user", Q)], thinking=True)))
+    # the reasoning, its closing </think>, then the answer: all output tokens, all but the answer reasoning
+    assert r.usage.output_tokens == len(tok.encode(REASONING + "</think>Paris"))
+    assert r.usage.output_tokens_details.reasoning_tokens == r.usage.output_tokens - len(tok.encode("Paris"))
+    off = client.responses.create(model="x", input=Q, temperature=0, reasoning={"effort": "none"})
+    assert [o.type for o in off.output] == ["message"] and off.output_text == "Paris"
+    assert off.usage.output_tokens_details.reasoning_tokens == 0
+
+
+def test_responses_stream_matches_the_whole_response(client):
+    whole = client.responses.create(model="x", input=Q, temperature=0)
+    with client.responses.stream(model="x", input=Q, temperature=0) as s:
+        events = list(s)
+        final = s.get_final_response()
+    assert final.output_text == whole.output_text and final.output[0].content[0].text == REASONING
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-1] == "response.completed" and kinds.count("response.output_item.done") == 2
+    assert "response.reasoning_text.delta" in kinds and "response.output_text.delta" in kinds
+    seqs = [e.sequence_number for e in events if hasattr(e, "sequence_number")]
+    assert seqs == list(range(len(seqs)))
+
+
+def test_responses_max_output_tokens_is_incomplete(client):
+    r = client.responses.create(model="x", input=Q_PLAIN, temperature=0, max_output_tokens=3,
+                                reasoning={"effort": "none"})
+    assert (r.status, r.incomplete_details.reason, r.output_text) == ("incomplete", "max_output_tokens", "The capital of")
+    events = list(client.responses.create(model="x", input=Q_PLAIN, temperature=0, max_output_tokens=3,
+                                          reasoning={"effort": "none"}, stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+
+
+def test_responses_instructions_and_turns_equal_the_chat_endpoint(client):
+    turns = [{"role": "user", "content": "What is the capital of Italy?"},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "The capital of Italy is Rome."}]},
+             {"role": "user", "content": [{"type": "input_text", "text": UNTRAINED}]}]
+    r = client.responses.create(model="x", instructions="You are a helpful assistant.", input=turns,
+                                temperature=0, max_output_tokens=12, reasoning={"effort": "none"})
+    c = client.chat.completions.create(
+        model="x", temperature=0, max_tokens=12, extra_body={"think": False},
+        messages=[{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "What is the capital of Italy?"},
+                  {"role": "assistant", "content": "The capital of Italy is Rome."},
+                  {"role": "user", "content": UNTRAINED}])
+    assert r.output_text == c.choices[0].message.content and r.usage.input_tokens == c.usage.prompt_tokens
+
+
+def test_responses_refuses_what_it_cannot_do(client):
+    for kw, what in ((dict(previous_response_id="resp_1"), "previous_response_id"),
+                     (dict(tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools"),
+                     (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "1"}]), "function_call_output"),
+                     (dict(max_output_tokens=0), "max_output_tokens")):
+        with pytest.raises(openai.BadRequestError, match=what):
+            client.responses.create(**{"model": "x", "input": "hi", **kw})

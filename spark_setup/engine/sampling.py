@@ -100,13 +100,15 @@ class StopMatcher:
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def push(self, text: str) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        hits = [(i, n, s) for n, s in enumerate(self.stops) if (i := buf.find(s)) >= 0]
+        if hits:
+            cut, _, self.matched = min(hits)  # the earliest; of those starting there, the first listed
             self._held = ""
             return buf[:cut], True
         keep = 0  # the longest tail of buf that is a proper prefix of some stop string

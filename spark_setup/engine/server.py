@@ -8,7 +8,9 @@ Shape:
 - One engine worker thread owns the session. Requests wait in a bounded FIFO (429 + Retry-After beyond it). A
   request whose client went away is cancelled before its next token. The worker keeps the live session's tokens
   and reuses their longest common prefix with the next prompt (Session.truncate) instead of prefilling again.
-- Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+- Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}; /v1/messages uses Anthropic's.
+- /v1/chat/completions and /v1/completions here; Anthropic's /v1/messages and OpenAI's /v1/responses (apis.py)
+  share the chat format, the worker and the non-streamed collection.
 
 The engine is anything with the `Engine` shape below; `load_engine` builds the real one (runtime.Model + the
 tokenizer from the same GGUF).
@@ -36,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import chat
+from . import apis, chat
 from .sampling import DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Sampler, SamplingParams, StopMatcher
 from .tokenizer import Tokenizer
 
@@ -135,8 +137,9 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def response(self, anthropic: bool = False) -> JSONResponse:
+        body = apis.anthropic_error(self.status, self.message) if anthropic else \
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
@@ -266,8 +269,9 @@ class Worker:
         stopper = StopMatcher(job.params.stop)
         in_reasoning = job.thinking
         limit = job.params.max_tokens
-        n_gen = 0
+        n_gen = n_reasoning = 0
         finish = "length"
+        context_full = False
         t_first = None
         while True:
             if job.cancelled.is_set():
@@ -278,6 +282,7 @@ class Worker:
                 finish = "stop"
                 break
             n_gen += 1
+            n_reasoning += in_reasoning  # the closing </think> counts as reasoning
             self.stats["generated_tokens"] += 1
             if t_first is None:
                 t_first = time.monotonic() - t0
@@ -300,6 +305,7 @@ class Worker:
             if limit is not None and n_gen >= limit:
                 break
             if s.pos >= s.max_ctx:
+                context_full = True
                 break
             logits = s.eval([token])
             self.session_tokens.append(token)
@@ -331,7 +337,10 @@ class Worker:
         log.info("generation finish=%s prompt=%d reused=%d completion=%d ttft=%s tok/s=%s queued=%.3fs", finish,
                  len(job.prompt), reused, n_gen, timings["ttft_s"], timings["decode_tokens_per_s"],
                  timings["queued_s"])
-        job.post("done", finish, {"usage": usage, "timings": timings})
+        # for the Anthropic and Responses surfaces (apis.py): which stop string ended the text, how much of the
+        # completion was thinking, and whether the context (not max_tokens) cut it
+        job.post("done", finish, {"usage": usage, "timings": timings, "stop_sequence": stopper.matched,
+                                  "reasoning_tokens": n_reasoning, "context_full": context_full})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,10 +424,11 @@ def thinking_from(body: dict) -> bool:
         return think
     thinking = body.get("thinking")
     if thinking is not None:
-        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
+        # "adaptive": Anthropic's let-the-model-decide; this model decides by thinking
+        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled", "adaptive"):
             raise APIError(400, "'thinking' must be {\"type\": \"enabled\"} or {\"type\": \"disabled\"}",
                            param="thinking", code="invalid_value")
-        return thinking["type"] == "enabled"
+        return thinking["type"] != "disabled"
     extra = body.get("chat_template_kwargs")
     if isinstance(extra, dict) and isinstance(extra.get("thinking"), bool):
         return extra["thinking"]
@@ -563,9 +573,9 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
     def check_auth(request: Request) -> None:
         if not config.api_key:
             return
-        got = request.headers.get("authorization", "")
-        if got != f"Bearer {config.api_key}":
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+        bearer = request.headers.get("authorization", "")
+        if bearer != f"Bearer {config.api_key}" and request.headers.get("x-api-key") != config.api_key:
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
                            "invalid_request_error", code="invalid_api_key")
 
     def endpoint(fn):
@@ -576,7 +586,11 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
                 return await fn(request)
             except APIError as exc:
                 log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
-                return exc.response()
+                return exc.response(anthropic=request.url.path == "/v1/messages")
+            except apis.RequestError as exc:
+                log.info("%s %s -> 400 %s", request.method, request.url.path, exc.message)
+                return APIError(400, exc.message, param=exc.param, code="invalid_value").response(
+                    anthropic=request.url.path == "/v1/messages")
         return wrapped
 
     async def health(request: Request) -> Response:
@@ -603,21 +617,46 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
         state.worker.submit(job)
         return job
 
+    async def collect(job: Job, request: Request) -> tuple[str, str, str, dict | None]:
+        """A non-streamed job's (reasoning, content, finish, result); result None: the client went away."""
+        reasoning, content, finish, result = [], [], "stop", None
+        async for ev in _events(job, request):
+            if ev[0] == "delta":
+                (reasoning if ev[1] == "reasoning" else content).append(ev[2])
+            elif ev[0] == "error":
+                raise APIError(ev[1], ev[2], "server_error")
+            else:
+                finish, result = ev[1], ev[2]
+        return "".join(reasoning), "".join(content), finish, result
+
+    def chat_job(eng: Engine, messages: list, thinking: bool, fields: dict, tools=None) -> Job:
+        try:
+            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking, tools=tools)
+        except chat.ChatFormatError as exc:
+            raise APIError(400, exc.message, param="messages", code="invalid_value")
+        return make_job(eng, prompt, sampling_from(fields, None, eng.tokenizer.n_vocab), thinking)
+
+    def sse_of(job: Job, events) -> Response:
+        async def gen():
+            try:
+                async for x in events:
+                    yield x
+            finally:
+                job.cancelled.set()  # no-op when finished; stops the worker when the client went away
+        return _sse(gen())
+
     async def chat_completions(request: Request) -> Response:
         eng = state.require_ready()
         body = await read_json(request)
         try:
             messages = chat.parse_messages(body.get("messages"))
-            thinking = thinking_from(body)
-            tools = body.get("tools")
-            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking, tools=tools or None)
         except chat.ChatFormatError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_value")
+        thinking = thinking_from(body)
         stream = _get(body, "stream", bool, False)
         opts = _get(body, "stream_options", dict, {}) or {}
         include_usage = bool(opts.get("include_usage"))
-        params = sampling_from(body, None, eng.tokenizer.n_vocab)
-        job = make_job(eng, prompt, params, thinking)
+        job = chat_job(eng, messages, thinking, body, tools=body.get("tools") or None)
         cid, created, model = _chunk_id("chatcmpl"), int(time.time()), eng.model_id
 
         if stream:
@@ -633,41 +672,31 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
                 # The role travels with the first generated text (after prefill), as llama-server and ds4 do, so a
                 # client's time to first chunk measures prefill, not HTTP latency (llama-benchy's ttfr/est_ppt).
                 role = {"role": "assistant"}
-                try:
-                    async for ev in _events(job, request, watch_disconnect=False):
-                        if ev[0] == "delta":
-                            key = "reasoning_content" if ev[1] == "reasoning" else "content"
-                            yield {"data": chunk({**role, key: ev[2]})}
-                            role = {}
-                        elif ev[0] == "error":
-                            yield {"data": json.dumps({"error": {"message": ev[2], "type": "server_error",
-                                                                 "param": None, "code": None}})}
-                            return
-                        elif ev[0] == "done":
-                            if role:  # nothing was generated: the role still comes first
-                                yield {"data": chunk({**role, "content": ""})}
-                            yield {"data": chunk({}, finish=ev[1] if ev[1] != "cancelled" else "stop")}
-                            if include_usage and ev[2]:
-                                yield {"data": chunk({}, usage=ev[2]["usage"], choices=False)}
-                            yield {"data": "[DONE]"}
-                finally:
-                    job.cancelled.set()  # no-op when finished; stops the worker when the client went away
+                async for ev in _events(job, request, watch_disconnect=False):
+                    if ev[0] == "delta":
+                        key = "reasoning_content" if ev[1] == "reasoning" else "content"
+                        yield {"data": chunk({**role, key: ev[2]})}
+                        role = {}
+                    elif ev[0] == "error":
+                        yield {"data": json.dumps({"error": {"message": ev[2], "type": "server_error",
+                                                             "param": None, "code": None}})}
+                        return
+                    elif ev[0] == "done":
+                        if role:  # nothing was generated: the role still comes first
+                            yield {"data": chunk({**role, "content": ""})}
+                        yield {"data": chunk({}, finish=ev[1] if ev[1] != "cancelled" else "stop")}
+                        if include_usage and ev[2]:
+                            yield {"data": chunk({}, usage=ev[2]["usage"], choices=False)}
+                        yield {"data": "[DONE]"}
 
-            return _sse(gen())
+            return sse_of(job, gen())
 
-        reasoning, content, finish, result = [], [], "stop", None
-        async for ev in _events(job, request):
-            if ev[0] == "delta":
-                (reasoning if ev[1] == "reasoning" else content).append(ev[2])
-            elif ev[0] == "error":
-                raise APIError(ev[1], ev[2], "server_error")
-            else:
-                finish, result = ev[1], ev[2]
+        reasoning, content, finish, result = await collect(job, request)
         if result is None:  # client gone
             return Response(status_code=499)
-        message = {"role": "assistant", "content": "".join(content)}
+        message = {"role": "assistant", "content": content}
         if thinking:
-            message["reasoning_content"] = "".join(reasoning)
+            message["reasoning_content"] = reasoning
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
@@ -709,34 +738,53 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
 
         if stream:
             async def gen():
-                try:
-                    async for ev in _events(job, request, watch_disconnect=False):
-                        if ev[0] == "delta":
-                            yield {"data": json.dumps(obj(ev[2]), ensure_ascii=False)}
-                        elif ev[0] == "error":
-                            yield {"data": json.dumps({"error": {"message": ev[2], "type": "server_error"}})}
-                            return
-                        else:
-                            yield {"data": json.dumps(obj("", ev[1] if ev[1] != "cancelled" else "stop"))}
-                            if opts.get("include_usage") and ev[2]:
-                                yield {"data": json.dumps(obj("", usage=ev[2]["usage"], choices=False))}
-                            yield {"data": "[DONE]"}
-                finally:
-                    job.cancelled.set()
+                async for ev in _events(job, request, watch_disconnect=False):
+                    if ev[0] == "delta":
+                        yield {"data": json.dumps(obj(ev[2]), ensure_ascii=False)}
+                    elif ev[0] == "error":
+                        yield {"data": json.dumps({"error": {"message": ev[2], "type": "server_error"}})}
+                        return
+                    else:
+                        yield {"data": json.dumps(obj("", ev[1] if ev[1] != "cancelled" else "stop"))}
+                        if opts.get("include_usage") and ev[2]:
+                            yield {"data": json.dumps(obj("", usage=ev[2]["usage"], choices=False))}
+                        yield {"data": "[DONE]"}
 
-            return _sse(gen())
+            return sse_of(job, gen())
 
-        parts, finish, result = [], "stop", None
-        async for ev in _events(job, request):
-            if ev[0] == "delta":
-                parts.append(ev[2])
-            elif ev[0] == "error":
-                raise APIError(ev[1], ev[2], "server_error")
-            else:
-                finish, result = ev[1], ev[2]
+        _, text, finish, result = await collect(job, request)
         if result is None:
             return Response(status_code=499)
-        return JSONResponse({**obj("".join(parts), finish, result["usage"]), "timings": result["timings"]})
+        return JSONResponse({**obj(text, finish, result["usage"]), "timings": result["timings"]})
+
+    async def anthropic_messages(request: Request) -> Response:
+        eng = state.require_ready()
+        body = await read_json(request)
+        messages, fields = apis.anthropic_request(body)
+        thinking = thinking_from(body)
+        job = chat_job(eng, messages, thinking, fields)
+        msg_id, model = apis.new_id("msg"), eng.model_id
+        if _get(body, "stream", bool, False):
+            return sse_of(job, apis.anthropic_events(model, msg_id, len(job.prompt),
+                                                     _events(job, request, watch_disconnect=False)))
+        reasoning, content, finish, result = await collect(job, request)
+        if result is None:
+            return Response(status_code=499)
+        return JSONResponse(apis.anthropic_message(model, msg_id, reasoning, content, thinking, finish, result))
+
+    async def responses(request: Request) -> Response:
+        eng = state.require_ready()
+        body = await read_json(request)
+        messages, fields, effort_thinking = apis.responses_request(body)
+        thinking = thinking_from(body) if effort_thinking is None else effort_thinking
+        job = chat_job(eng, messages, thinking, fields)
+        builder = apis.ResponsesBuilder(eng.model_id, body, thinking)
+        if _get(body, "stream", bool, False):
+            return sse_of(job, builder.events(_events(job, request, watch_disconnect=False)))
+        reasoning, content, finish, result = await collect(job, request)
+        if result is None:
+            return Response(status_code=499)
+        return JSONResponse(builder.response(reasoning, content, finish, result))
 
     async def not_found(request: Request, exc) -> Response:
         return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
@@ -761,6 +809,8 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
             Route("/v1/models", endpoint(models), methods=["GET"]),
             Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
             Route("/v1/completions", endpoint(completions), methods=["POST"]),
+            Route("/v1/messages", endpoint(anthropic_messages), methods=["POST"]),
+            Route("/v1/responses", endpoint(responses), methods=["POST"]),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed},
         lifespan=lifespan,
