@@ -531,6 +531,14 @@ def test_messages_stop_sequences_max_tokens_and_system(claude):
     assert m.content[0].text == "Paris"
 
 
+def test_count_tokens_is_the_prompt_the_answer_used(claude, tok):
+    kw = dict(model="x", system="You are a helpful assistant.", messages=user(Q), thinking={"type": "disabled"})
+    counted = claude.messages.count_tokens(**kw).input_tokens
+    assert counted == claude.messages.create(max_tokens=5, extra_body=GREEDY, **kw).usage.input_tokens
+    thinking = claude.messages.count_tokens(model="x", messages=user(Q)).input_tokens  # thinking on by default
+    assert thinking == len(chat.encode(tok, [chat.Message("user", Q)], thinking=True)) < counted
+
+
 def test_messages_errors_come_in_anthropic_shape(claude, server):
     with pytest.raises(anthropic.BadRequestError, match="tools"):
         claude.messages.create(model="x", max_tokens=5, messages=user("hi"),

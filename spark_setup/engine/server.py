@@ -586,11 +586,11 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
                 return await fn(request)
             except APIError as exc:
                 log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
-                return exc.response(anthropic=request.url.path == "/v1/messages")
+                return exc.response(anthropic=request.url.path.startswith("/v1/messages"))
             except apis.RequestError as exc:
                 log.info("%s %s -> 400 %s", request.method, request.url.path, exc.message)
                 return APIError(400, exc.message, param=exc.param, code="invalid_value").response(
-                    anthropic=request.url.path == "/v1/messages")
+                    anthropic=request.url.path.startswith("/v1/messages"))
         return wrapped
 
     async def health(request: Request) -> Response:
@@ -772,6 +772,16 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
             return Response(status_code=499)
         return JSONResponse(apis.anthropic_message(model, msg_id, reasoning, content, thinking, finish, result))
 
+    async def anthropic_count_tokens(request: Request) -> Response:
+        eng = state.require_ready()
+        body = await read_json(request)
+        messages, _ = apis.anthropic_request({"max_tokens": 1, **body})  # count_tokens takes no max_tokens
+        try:
+            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking_from(body))
+        except chat.ChatFormatError as exc:
+            raise APIError(400, exc.message, param="messages", code="invalid_value")
+        return JSONResponse({"input_tokens": len(prompt)})
+
     async def responses(request: Request) -> Response:
         eng = state.require_ready()
         body = await read_json(request)
@@ -810,6 +820,7 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
             Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
             Route("/v1/completions", endpoint(completions), methods=["POST"]),
             Route("/v1/messages", endpoint(anthropic_messages), methods=["POST"]),
+            Route("/v1/messages/count_tokens", endpoint(anthropic_count_tokens), methods=["POST"]),
             Route("/v1/responses", endpoint(responses), methods=["POST"]),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed},
