@@ -149,8 +149,9 @@ def test_thinking_is_the_default_and_comes_as_reasoning_content(client, tok):
     msg = r.choices[0].message
     assert msg.reasoning_content == f"The user asks: {Q_PLAIN} The capital of France is Paris."
     assert msg.content == "Paris"
-    # reasoning + </think> + answer are all completion tokens
+    # reasoning + </think> + answer are all completion tokens; all but the answer's are reasoning tokens
     assert r.usage.completion_tokens == len(tok.encode(msg.reasoning_content + "</think>" + msg.content))
+    assert r.usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens - len(tok.encode("Paris"))
     stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}], temperature=0,
                                             stream=True)
     reasoning, content, _, usage, kinds = stream_parts(stream)
@@ -207,6 +208,7 @@ def test_prefix_of_the_live_session_is_reused(client, server):
     after = server.health()["stats"]
     assert r.choices[0].message.content == "Paris"
     assert after["reused_tokens"] - before["reused_tokens"] >= 8
+    assert r.usage.prompt_tokens_details.cached_tokens == after["reused_tokens"] - before["reused_tokens"]
 
 
 def test_health_reports_the_last_decode_speed(client, server):
@@ -529,6 +531,12 @@ def test_messages_stop_sequences_max_tokens_and_system(claude):
     m = claude.messages.create(model="x", max_tokens=20, system="You are a helpful assistant.", messages=turns,
                                thinking={"type": "disabled"}, extra_body=GREEDY)
     assert m.content[0].text == "Paris"
+
+
+def test_models_listing_serves_anthropic_clients_too(claude):
+    page = claude.models.list()
+    assert [(m.id, m.type, m.display_name) for m in page.data] == [("ds4-demo", "model", "ds4-demo")]
+    assert page.data[0].created_at.year >= 2026 and page.has_more is False
 
 
 def test_count_tokens_is_the_prompt_the_answer_used(claude, tok):

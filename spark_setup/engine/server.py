@@ -333,7 +333,9 @@ class Worker:
         if timings["decode_tokens_per_s"] is not None:  # shown by `spark-setup status` through /health
             self.stats["last_decode_tokens_per_s"] = timings["decode_tokens_per_s"]
         usage = {"prompt_tokens": len(job.prompt), "completion_tokens": n_gen,
-                 "total_tokens": len(job.prompt) + n_gen}
+                 "total_tokens": len(job.prompt) + n_gen,
+                 "prompt_tokens_details": {"cached_tokens": reused},  # OpenAI's names for the same counts
+                 "completion_tokens_details": {"reasoning_tokens": n_reasoning}}
         log.info("generation finish=%s prompt=%d reused=%d completion=%d ttft=%s tok/s=%s queued=%.3fs", finish,
                  len(job.prompt), reused, n_gen, timings["ttft_s"], timings["decode_tokens_per_s"],
                  timings["queued_s"])
@@ -605,9 +607,13 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
 
     async def models(request: Request) -> Response:
         eng = state.require_ready()
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started))
+        # OpenAI's fields, then Anthropic's (type, display_name, created_at, paging): one listing for both clients
         return JSONResponse({"object": "list", "data": [
             {"id": eng.model_id, "object": "model", "created": int(state.started), "owned_by": "spark-setup",
-             "max_model_len": eng.max_ctx}]})
+             "max_model_len": eng.max_ctx, "type": "model", "display_name": eng.model_id, "created_at": created,
+             "max_input_tokens": eng.max_ctx}],
+            "has_more": False, "first_id": eng.model_id, "last_id": eng.model_id})
 
     def make_job(eng: Engine, prompt: list[int], params: SamplingParams, thinking: bool) -> Job:
         if len(prompt) >= eng.max_ctx:
