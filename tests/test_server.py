@@ -572,6 +572,7 @@ def test_responses_answers_with_reasoning_item_and_usage(client, tok):
     assert r.usage.output_tokens_details.reasoning_tokens == r.usage.output_tokens - len(tok.encode("Paris"))
     off = client.responses.create(model="x", input=Q, temperature=0, reasoning={"effort": "none"})
     assert [o.type for o in off.output] == ["message"] and off.output_text == "Paris"
+    assert (off.reasoning.effort, off.temperature, r.reasoning.effort, r.top_p) == ("none", 0, None, 1.0)
     assert off.usage.output_tokens_details.reasoning_tokens == 0
 
 

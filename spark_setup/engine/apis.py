@@ -16,6 +16,7 @@ import uuid
 from typing import Any, AsyncIterator, Iterator, Mapping
 
 from . import chat
+from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 Event = tuple  # a worker event, see the module docstring
 
@@ -236,12 +237,14 @@ class ResponsesBuilder:
 
     def snapshot(self) -> dict[str, Any]:
         b = self.body
+        effort = b["reasoning"].get("effort") if isinstance(b.get("reasoning"), Mapping) else None
         return {"id": self.id, "object": "response", "created_at": self.created, "status": self.status,
                 "error": None, "incomplete_details": self.incomplete, "instructions": b.get("instructions"),
                 "max_output_tokens": b.get("max_output_tokens"), "model": self.model, "output": self.output,
                 "parallel_tool_calls": True, "previous_response_id": None,
-                "reasoning": {"effort": None, "summary": None}, "store": False,
-                "temperature": b.get("temperature"), "top_p": b.get("top_p"), "text": {"format": {"type": "text"}},
+                "reasoning": {"effort": effort, "summary": None}, "store": False,
+                "temperature": b.get("temperature", DEFAULT_TEMPERATURE), "top_p": b.get("top_p", DEFAULT_TOP_P),
+                "text": {"format": {"type": "text"}},
                 "tool_choice": "auto", "tools": [], "truncation": "disabled", "usage": self.usage,
                 "metadata": b.get("metadata") or {}}
 
