@@ -96,6 +96,14 @@ def test_demo_install_serve_status_rerun_uninstall(installed):
                                            messages=[{"role": "user", "content": QUESTION}],
                                            extra_body={"thinking": {"type": "disabled"}})
     assert reply.choices[0].message.content and "Paris" in reply.choices[0].message.content
+    # ... and a real Anthropic client at the URL printed for it.
+    import anthropic
+
+    assert f"Anthropic-compatible: {url})" in out.stdout
+    msg = anthropic.Anthropic(base_url=url, api_key="none", timeout=120).messages.create(
+        model=model, max_tokens=16, messages=[{"role": "user", "content": QUESTION}],
+        thinking={"type": "disabled"}, extra_body={"temperature": 0})
+    assert "Paris" in msg.content[0].text
 
     # status reports it.
     st = subprocess.run([str(cli), "status", "--json", "--prefix", str(prefix), "--port", str(port)], env=env,

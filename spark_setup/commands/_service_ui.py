@@ -70,7 +70,7 @@ def print_ready(url: str, out: Console | None = None) -> None:
     from ..smoke import QUESTION
 
     body = json.dumps({"model": mid, "messages": [{"role": "user", "content": QUESTION}]})
-    out.print(f"[bold green]ready:[/] {url}  (OpenAI-compatible: {url}/v1)")
+    out.print(f"[bold green]ready:[/] {url}  (OpenAI-compatible: {url}/v1; Anthropic-compatible: {url})")
     out.print("try it:")
     out.print(f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
               markup=False)
