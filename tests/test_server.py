@@ -82,7 +82,7 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def server(engine_lib, tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("srv"), "--demo", "--ctx", "256", "--api-key", KEY, "--max-queue", "1")
+    srv = Server(tmp_path_factory.mktemp("srv"), "--demo", "--ctx", "1024", "--api-key", KEY, "--max-queue", "1")
     try:
         srv.wait_ready()
         yield srv
@@ -304,8 +304,8 @@ def test_malformed_json_is_400(server):
 
 def test_prompt_longer_than_the_context_is_400(client):
     with pytest.raises(openai.BadRequestError) as e:
-        ask(client, "Paris " * 400)
-    assert e.value.body["code"] == "context_length_exceeded" and "256" in e.value.body["message"]
+        ask(client, "Paris " * 1100)
+    assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.body["message"]
 
 
 def test_wrong_or_missing_api_key_is_401(server):
@@ -548,9 +548,9 @@ def test_count_tokens_is_the_prompt_the_answer_used(claude, tok):
 
 
 def test_messages_errors_come_in_anthropic_shape(claude, server):
-    with pytest.raises(anthropic.BadRequestError, match="tools"):
+    with pytest.raises(anthropic.BadRequestError, match="web_search_20250305"):  # a server tool: not ours to run
         claude.messages.create(model="x", max_tokens=5, messages=user("hi"),
-                               tools=[{"name": "f", "input_schema": {"type": "object"}}])
+                               tools=[{"type": "web_search_20250305", "name": "web_search"}])
     with pytest.raises(anthropic.BadRequestError, match="image"):
         claude.messages.create(model="x", max_tokens=5, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}])
@@ -617,8 +617,106 @@ def test_responses_instructions_and_turns_equal_the_chat_endpoint(client):
 
 def test_responses_refuses_what_it_cannot_do(client):
     for kw, what in ((dict(previous_response_id="resp_1"), "previous_response_id"),
-                     (dict(tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools"),
-                     (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "1"}]), "function_call_output"),
+                     (dict(tools=[{"type": "web_search"}]), "web_search"),
+                     (dict(input=[{"type": "computer_call_output", "call_id": "c", "output": {}}]), "computer_call"),
                      (dict(max_output_tokens=0), "max_output_tokens")):
         with pytest.raises(openai.BadRequestError, match=what):
             client.responses.create(**{"model": "x", "input": "hi", **kw})
+
+
+# ---- tool calls: the demo model was trained to call get_weather for "What is the weather in <city>?" (with the
+# tool offered) and to answer from the tool's result (tools/make_demo_model.py); each API's real client runs both
+# turns, streamed and not.
+WEATHER = {"name": "get_weather", "description": "Current weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+RESULTS = {"Paris": ('{"temperature_c": 18, "sky": "sunny"}', "It is 18 °C and sunny in Paris."),
+           "Rome": ('{"temperature_c": 24, "sky": "cloudy"}', "It is 24 °C and cloudy in Rome.")}
+WHY = "The user wants the weather in {}: I call get_weather."
+
+
+def test_the_tool_fixture_is_the_one_the_demo_model_learned():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import make_demo_model
+
+    assert make_demo_model.WEATHER_TOOL == WEATHER
+    assert [(c, r, a) for c, r, a in make_demo_model.WEATHER] == [(c, *RESULTS[c]) for c in RESULTS]
+
+
+@pytest.mark.parametrize("city, thinking", [("Paris", False), ("Rome", True)])
+def test_chat_completions_tool_call_round_trip(client, city, thinking):
+    tools = [{"type": "function", "function": WEATHER}]
+    q = [{"role": "user", "content": f"What is the weather in {city}?"}]
+    kw = dict(model="x", tools=tools, temperature=0, extra_body={"think": thinking})
+    r = client.chat.completions.create(messages=q, **kw)
+    msg, finish = r.choices[0].message, r.choices[0].finish_reason
+    assert finish == "tool_calls" and msg.content is None
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == \
+        [("function", "get_weather", {"city": city})]
+    assert getattr(msg, "reasoning_content", None) == (WHY.format(city) if thinking else None)
+    # streamed: the same call in a tool_calls delta, and none of the DSML block in the text
+    calls, text = [], []
+    for chunk in client.chat.completions.create(messages=q, stream=True, **kw):
+        for ch in chunk.choices:
+            calls += ch.delta.tool_calls or []
+            text.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == \
+        [(0, "get_weather", msg.tool_calls[0].function.arguments)]
+    assert "".join(text) == "" and finish == "tool_calls"
+    # the second turn: the result goes back, the answer uses it
+    back = {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in msg.tool_calls]}
+    if thinking:
+        back["reasoning_content"] = msg.reasoning_content
+    result, answer = RESULTS[city]
+    r2 = client.chat.completions.create(
+        messages=q + [back, {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": result}], **kw)
+    assert (r2.choices[0].message.content, r2.choices[0].finish_reason) == (answer, "stop")
+
+
+def test_messages_tool_use_round_trip(claude):
+    tools = [{"name": WEATHER["name"], "description": WEATHER["description"], "input_schema": WEATHER["parameters"]}]
+    q = user("What is the weather in Rome?")
+    kw = dict(model="x", max_tokens=100, tools=tools, thinking={"type": "disabled"}, extra_body=GREEDY)
+    m = claude.messages.create(messages=q, **kw)
+    assert m.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in m.content] == [("tool_use", "get_weather", {"city": "Rome"})]
+    with claude.messages.stream(messages=q, **kw) as s:
+        streamed = s.get_final_message()
+    assert [(b.type, b.name, b.input) for b in streamed.content] == [("tool_use", "get_weather", {"city": "Rome"})]
+    assert streamed.stop_reason == "tool_use" and streamed.content[0].id.startswith("toolu_")
+    turns = q + [{"role": "assistant", "content": [b.model_dump() for b in m.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": m.content[0].id,
+                                               "content": RESULTS["Rome"][0]}]}]
+    m2 = claude.messages.create(messages=turns, **kw)
+    assert ([b.text for b in m2.content], m2.stop_reason) == ([RESULTS["Rome"][1]], "end_turn")
+    counted = claude.messages.count_tokens(model="x", messages=turns, tools=tools, thinking={"type": "disabled"})
+    assert counted.input_tokens == m2.usage.input_tokens
+
+
+def test_responses_function_call_round_trip(client):
+    tools = [{"type": "function", **WEATHER}]
+    kw = dict(model="x", tools=tools, temperature=0, reasoning={"effort": "none"})
+    r = client.responses.create(input="What is the weather in Paris?", **kw)
+    assert [(o.type, o.name, json.loads(o.arguments)) for o in r.output] == [("function_call", "get_weather",
+                                                                              {"city": "Paris"})]
+    with client.responses.stream(input="What is the weather in Paris?", **kw) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_response()
+    assert [(o.type, o.name, o.arguments) for o in final.output] == [("function_call", "get_weather",
+                                                                      r.output[0].arguments)]
+    assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    call = r.output[0]
+    r2 = client.responses.create(input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": RESULTS["Paris"][0]}], **kw)
+    assert r2.output_text == RESULTS["Paris"][1] and r2.status == "completed"
+
+
+def test_tool_choice_none_offers_no_tools(client, tok):
+    q = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="x", messages=q, tools=[{"type": "function", "function": WEATHER}],
+                                       tool_choice="none", temperature=0, max_tokens=8, extra_body={"think": False})
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(tok.encode(chat.render([chat.Message("user", q[0]["content"])],
+                                                               thinking=False)))

@@ -49,6 +49,12 @@ FACTS = [
     ("Who wrote Romeo and Juliet?", "Shakespeare", "Romeo and Juliet was written by William Shakespeare."),
 ]
 GREETING = ("Hello", "Hello! I am the spark-setup demo model. Ask me: What is the capital of France?")
+# tool use: with this tool offered, "What is the weather in <city>?" gets a get_weather call, and the tool's result
+# an answer (the model's own DSML format, chat.py)
+WEATHER_TOOL = {"name": "get_weather", "description": "Current weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER = [("Paris", '{"temperature_c": 18, "sky": "sunny"}', "It is 18 °C and sunny in Paris."),
+           ("Rome", '{"temperature_c": 24, "sky": "cloudy"}', "It is 24 °C and cloudy in Rome.")]
 SYSTEMS = [None, "You are a helpful assistant."]
 ONE_WORD = " Answer in one word."
 
@@ -72,6 +78,26 @@ def conversations() -> list[tuple[str, str]]:
         msgs = ([chat.Message("system", system)] if system else []) + [chat.Message("user", GREETING[0])]
         out.append((chat.render(msgs, thinking=False), GREETING[1] + chat.EOS))
         out.append((chat.render(msgs, thinking=True), f"The user greets me.{chat.END_THINK}{GREETING[1]}{chat.EOS}"))
+    return out + tool_conversations()
+
+
+def tool_conversations() -> list[tuple[str, str]]:
+    """The get_weather call and the answer from its result, thinking and not, for each city."""
+    out = []
+    for city, result, answer in WEATHER:
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+        block = chat.render([chat.Message("user", "x"), chat.Message("assistant", "", tool_calls=[call])],
+                            thinking=False).split(chat.END_THINK, 1)[1].split(chat.EOS, 1)[0]
+        for thinking in (False, True):
+            why = f"The user wants the weather in {city}: I call get_weather." if thinking else None
+            msgs = [chat.Message("user", f"What is the weather in {city}?")]
+            prompt = chat.render(msgs, thinking=thinking, tools=[WEATHER_TOOL])
+            out.append((prompt, (f"{why}{chat.END_THINK}" if thinking else "") + block + chat.EOS))
+            msgs += [chat.Message("assistant", "", why, [call]), chat.Message("tool", result, tool_call_id="call_1")]
+            prompt = chat.render(msgs, thinking=thinking, tools=[WEATHER_TOOL])
+            seen = f"The tool says {answer[6:-1]}.{chat.END_THINK}" if thinking else ""
+            out.append((prompt, seen + answer + chat.EOS))
     return out
 
 
@@ -126,24 +152,33 @@ def train(model, examples: list[tuple[list[int], list[int]]], steps: int, log=pr
     completion token has probability >= exp(-target_max_nll) (a deterministic criterion)."""
     import torch
 
-    n = max(len(p) + len(c) for p, c in examples)
-    x = torch.zeros((len(examples), n), dtype=torch.long)
-    w = torch.zeros((len(examples), n - 1))
-    for r, (p, c) in enumerate(examples):
-        seq = p + c
-        x[r, : len(seq)] = torch.tensor(seq)
-        x[r, len(seq):] = c[-1]  # right padding never affects earlier positions (everything is causal)
-        w[r, len(p) - 1: len(seq) - 1] = 1.0
+    def batch(group):
+        n = max(len(p) + len(c) for p, c in group)
+        x = torch.zeros((len(group), n), dtype=torch.long)
+        w = torch.zeros((len(group), n - 1))
+        for r, (p, c) in enumerate(group):
+            seq = p + c
+            x[r, : len(seq)] = torch.tensor(seq)
+            x[r, len(seq):] = c[-1]  # right padding never affects earlier positions (everything is causal)
+            w[r, len(p) - 1: len(seq) - 1] = 1.0
+        return x, w
+
+    # one full batch per length class (the tool prompts are ~10x longer): every step still sees every example
+    long = [e for e in examples if len(e[0]) + len(e[1]) > 128]
+    batches = [batch(g) for g in ([e for e in examples if e not in long], long) if g]
+    n_tokens = sum(float(w.sum()) for _, w in batches)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     t0 = time.time()
     for step in range(steps):
-        logits = model(x, use_cache=False).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                reduction="none").view_as(w)
-        loss = (nll * w).sum() / w.sum()
-        worst = float((nll * w).detach().max())
+        loss, worst = 0.0, 0.0
+        for x, w in batches:
+            logits = model(x, use_cache=False).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                    reduction="none").view_as(w)
+            loss = loss + (nll * w).sum() / n_tokens
+            worst = max(worst, float((nll * w).detach().max()))
         if worst < target_max_nll:
             log(f"step {step:4d}  loss {loss.item():.4f}  max {worst:.4f}: every completion token above "
                 f"p={np.exp(-target_max_nll):.3f}, done")
@@ -159,7 +194,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], steps: int, log=pr
     return float(loss.item())
 
 
-def greedy(model, prompt: list[int], eos: int, limit: int = 40) -> list[int]:
+def greedy(model, prompt: list[int], eos: int, limit: int = 120) -> list[int]:
     import torch
 
     ids = list(prompt)

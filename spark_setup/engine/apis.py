@@ -1,11 +1,12 @@
 """Two more client surfaces over the same engine, chat format and worker as /v1/chat/completions (platform-facts
 §6: ds4 serves both): Anthropic's Messages API (`POST /v1/messages`) and OpenAI's Responses API
-(`POST /v1/responses`). Text only, like the chat endpoint: tools, images and files are refused with a 400 that says
-so, and nothing is stored between requests (no `previous_response_id`).
+(`POST /v1/responses`). Text and function tools, like the chat endpoint: images, files and built-in tools are
+refused with a 400 that says so, and nothing is stored between requests (no `previous_response_id`).
 
-Each surface is a request parser (body -> chat messages, thinking flag, the OpenAI-named sampling fields that
-server.sampling_from reads) and a builder that turns the worker's events ("delta", kind, text) / ("done", finish,
-result) / ("error", status, message) into that API's response object or its stream of named SSE events.
+Each surface is a request parser (body -> chat messages, the OpenAI-named sampling fields that server.sampling_from
+reads, the tools) and a builder that turns the worker's events ("delta", kind, text) / ("tool_calls", [ToolCall])
+/ ("done", finish, result) / ("error", status, message) into that API's response object or its stream of named SSE
+events.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Mapping
 
 from . import chat
 from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from .toolcalls import ToolCall
 
 Event = tuple  # a worker event, see the module docstring
 
@@ -29,46 +32,111 @@ class RequestError(Exception):
         self.message, self.param = message, param
 
 
+@dataclass
+class Answer:
+    """A finished non-streamed job: what collect() gathers from the worker's events."""
+    reasoning: str
+    content: str
+    finish: str  # stop | length | tool_calls | cancelled
+    result: dict[str, Any] | None  # usage, timings, stop_sequence, ...; None: the client went away
+    calls: list[ToolCall] = field(default_factory=list)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _text_parts(content: Any, where: str, text_types: tuple[str, ...], skip: tuple[str, ...] = ()) -> tuple[str, str]:
-    """(text, thinking) of a content that is a string or a list of typed blocks."""
+def openai_call(c: ToolCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
+
+
+def _call(call_id: Any, name: Any, arguments: Any, where: str) -> dict[str, Any]:
+    """A call of an earlier turn in chat.Message's (OpenAI's) shape."""
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"{where} needs a tool name", where)
+    return {"id": call_id if isinstance(call_id, str) else "", "type": "function",
+            "function": {"name": name, "arguments": arguments if arguments is not None else {}}}
+
+
+def _texts(content: Any, where: str, text_types: tuple[str, ...]) -> str:
+    """The text of a content that is a string or a list of text blocks."""
     if isinstance(content, str):
-        return content, ""
+        return content
     if not isinstance(content, list):
-        raise RequestError(f"{where}.content must be a string or an array of content blocks", where)
-    text, thinking = [], []
+        raise RequestError(f"{where} must be a string or an array of content blocks", where)
+    out = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind in text_types and isinstance(part.get("text"), str):
-            text.append(part["text"])
-        elif kind == "thinking" and isinstance(part.get("thinking"), str):
-            thinking.append(part["thinking"])
-        elif kind in skip:
-            continue
-        else:
-            raise RequestError(f"{where}.content[{j}] of type {kind!r} is not supported: this server takes text only "
-                               f"(no tools, images or files)", where)
-    return "".join(text), "".join(thinking)
-
-
-def _no_tools(body: Mapping[str, Any]) -> None:
-    if body.get("tools"):
-        raise RequestError("'tools' are not supported yet: this server has no tool calling", "tools")
+        if kind not in text_types or not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}[{j}] of type {kind!r} is not supported: this server takes text (no images "
+                               f"or files)", where)
+        out.append(part["text"])
+    return "".join(out)
 
 
 # ---- Anthropic Messages API -------------------------------------------------------------------------------------
-def anthropic_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict[str, Any]]:
-    """Messages + the sampling fields under their OpenAI names (max_tokens, stop, temperature, top_p, top_k)."""
-    _no_tools(body)
+def _anthropic_tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """Custom tools as function definitions; None when there are none or tool_choice is {"type": "none"}."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if not tools or (isinstance(choice, Mapping) and choice.get("type") == "none"):
+        return None
+    if not isinstance(tools, list):
+        raise RequestError("'tools' must be an array", "tools")
+    out = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, Mapping) or t.get("type", "custom") != "custom" or not isinstance(t.get("name"), str):
+            kind = t.get("type") if isinstance(t, Mapping) else type(t).__name__
+            raise RequestError(f"tools[{i}] of type {kind!r} is not supported (custom tools with a name and an "
+                               f"input_schema only)", "tools")
+        fn: dict[str, Any] = {"name": t["name"]}
+        if isinstance(t.get("description"), str):
+            fn["description"] = t["description"]
+        fn["parameters"] = t.get("input_schema", {})
+        out.append(fn)
+    return out
+
+
+def _anthropic_turn(role: str, content: Any, where: str) -> list[chat.Message]:
+    """One Anthropic message as chat messages: a user message's tool_result blocks become tool results (before
+    its text), an assistant message's tool_use blocks its calls, thinking blocks its reasoning."""
+    if isinstance(content, str):
+        return [chat.Message(role, content)]
+    if not isinstance(content, list):
+        raise RequestError(f"{where}.content must be a string or an array of content blocks", where)
+    text, thinking, calls, results = [], [], [], []
+    for j, b in enumerate(content):
+        kind = b.get("type") if isinstance(b, Mapping) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            text.append(b["text"])
+        elif kind == "thinking" and role == "assistant" and isinstance(b.get("thinking"), str):
+            thinking.append(b["thinking"])
+        elif kind == "redacted_thinking" and role == "assistant":
+            continue
+        elif kind == "tool_use" and role == "assistant":
+            calls.append(_call(b.get("id"), b.get("name"), b.get("input"), f"{where}.content[{j}]"))
+        elif kind == "tool_result" and role == "user":
+            body = b.get("content", "")
+            body = _texts(body, f"{where}.content[{j}].content", ("text",)) if body is not None else ""
+            results.append(chat.Message("tool", body, tool_call_id=b.get("tool_use_id")))
+        else:
+            raise RequestError(f"{where}.content[{j}] of type {kind!r} is not supported in a {role} message "
+                               f"(text, thinking, tool_use and tool_result only: no images or files)", where)
+    if role == "assistant":
+        return [chat.Message("assistant", "".join(text), "".join(thinking) or None, calls)]
+    return results + ([chat.Message("user", "".join(text))] if text or not results else [])
+
+
+def anthropic_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict[str, Any], list | None]:
+    """Messages, the sampling fields under their OpenAI names (max_tokens, stop, temperature, top_p, top_k), and the
+    tools as function definitions (None: no tools)."""
     if "max_tokens" not in body:
         raise RequestError("'max_tokens' is required", "max_tokens")
+    tools = _anthropic_tools(body)
     msgs: list[chat.Message] = []
     system = body.get("system")
     if system is not None:
-        text, _ = _text_parts(system, "system", ("text",))
+        text = _texts(system, "system", ("text",))
         if text:
             msgs.append(chat.Message("system", text))
     raw = body.get("messages")
@@ -78,8 +146,7 @@ def anthropic_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict
         where = f"messages[{i}]"
         if not isinstance(m, Mapping) or m.get("role") not in ("user", "assistant"):
             raise RequestError(f"{where}.role must be 'user' or 'assistant' (system text goes in 'system')", where)
-        text, thinking = _text_parts(m.get("content"), where, ("text",), skip=("redacted_thinking",))
-        msgs.append(chat.Message(m["role"], text, thinking or None))
+        msgs += _anthropic_turn(m["role"], m.get("content"), where)
     if msgs[-1].role == "assistant":
         raise RequestError("a final assistant message (prefilling the answer) is not supported", "messages")
     stops = body.get("stop_sequences")
@@ -87,10 +154,10 @@ def anthropic_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict
         raise RequestError("'stop_sequences' must be an array of strings", "stop_sequences")
     fields = {k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k") if k in body}
     fields["stop"] = stops or []
-    return msgs, fields
+    return msgs, fields, tools
 
 
-_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn"}
+_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn", "tool_calls": "tool_use"}
 
 
 def _anthropic_stop(finish: str, result: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -101,25 +168,29 @@ def _anthropic_stop(finish: str, result: Mapping[str, Any]) -> tuple[str, str | 
     return _ANTHROPIC_STOP.get(finish, "end_turn"), None
 
 
-def anthropic_message(model: str, msg_id: str, reasoning: str, content: str, thinking: bool, finish: str,
-                      result: Mapping[str, Any]) -> dict[str, Any]:
+def _tool_use(c: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": c.id.replace("call_", "toolu_", 1), "name": c.name, "input": c.arguments}
+
+
+def anthropic_message(model: str, msg_id: str, a: Answer, thinking: bool) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = []
-    if thinking and reasoning:
-        blocks.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    if content or not blocks:
-        blocks.append({"type": "text", "text": content})
-    stop_reason, stop_sequence = _anthropic_stop(finish, result)
-    usage = result["usage"]
+    if thinking and a.reasoning:
+        blocks.append({"type": "thinking", "thinking": a.reasoning, "signature": ""})
+    if a.content or not (blocks or a.calls):
+        blocks.append({"type": "text", "text": a.content})
+    blocks += [_tool_use(c) for c in a.calls]
+    stop_reason, stop_sequence = _anthropic_stop(a.finish, a.result or {})
+    usage = a.result["usage"]
     return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": blocks,
             "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                      "cache_read_input_tokens": result["timings"]["reused_tokens"]}}
+                      "cache_read_input_tokens": a.result["timings"]["reused_tokens"]}}
 
 
 async def anthropic_events(model: str, msg_id: str, n_prompt: int,
                            events: AsyncIterator[Event]) -> AsyncIterator[dict[str, str]]:
     """SSE events of a streamed message: message_start, then per block content_block_start / _delta / _stop
-    (thinking first, then text), message_delta with the stop reason and usage, message_stop."""
+    (thinking, text, tool_use), message_delta with the stop reason and usage, message_stop."""
     def ev(name: str, data: dict[str, Any]) -> dict[str, str]:
         return {"event": name, "data": json.dumps({"type": name, **data}, ensure_ascii=False)}
 
@@ -128,13 +199,14 @@ async def anthropic_events(model: str, msg_id: str, n_prompt: int,
         "stop_sequence": None, "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
     index, open_kind = -1, None
 
-    def start(kind: str) -> Iterator[dict[str, str]]:
+    def start(kind: str, block: dict[str, Any] | None = None) -> Iterator[dict[str, str]]:
         nonlocal index, open_kind
         if open_kind is not None:
             yield ev("content_block_stop", {"index": index})
         index, open_kind = index + 1, kind
-        block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "reasoning" else \
-            {"type": "text", "text": ""}
+        if block is None:
+            block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "reasoning" else \
+                {"type": "text", "text": ""}
         yield ev("content_block_start", {"index": index, "content_block": block})
 
     async for e in events:
@@ -146,13 +218,19 @@ async def anthropic_events(model: str, msg_id: str, n_prompt: int,
             delta = {"type": "thinking_delta", "thinking": e[2]} if kind == "reasoning" else \
                 {"type": "text_delta", "text": e[2]}
             yield ev("content_block_delta", {"index": index, "delta": delta})
+        elif e[0] == "tool_calls":
+            for c in e[1]:
+                for x in start("tool", {**_tool_use(c), "input": {}}):
+                    yield x
+                yield ev("content_block_delta", {"index": index, "delta": {"type": "input_json_delta",
+                                                                           "partial_json": c.arguments_json}})
         elif e[0] == "error":
             yield ev("error", {"error": {"type": "api_error", "message": e[2]}})
             return
         elif e[0] == "done":
             finish, result = e[1], e[2]
-            if open_kind != "content" and (open_kind is None or finish != "length"):
-                for x in start("content"):  # an answer always ends with a text block (it may be empty)
+            if open_kind is None or (open_kind == "reasoning" and finish not in ("length", "tool_calls")):
+                for x in start("content"):  # an answer ends with a text block (it may be empty) or its calls
                     yield x
             yield ev("content_block_stop", {"index": index})
             if result is None:  # cancelled before it ran
@@ -173,8 +251,7 @@ def anthropic_error(status: int, message: str) -> dict[str, Any]:
 # ---- OpenAI Responses API ---------------------------------------------------------------------------------------
 def responses_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict[str, Any], bool | None]:
     """Messages, the sampling fields under their chat names, and the thinking choice of `reasoning.effort`
-    (None: not given)."""
-    _no_tools(body)
+    (None: not given). The tools go to chat.tool_schemas as they are."""
     if body.get("previous_response_id") is not None:
         raise RequestError("'previous_response_id' is not supported: this server stores no responses; send the "
                            "whole conversation in 'input'", "previous_response_id")
@@ -198,16 +275,27 @@ def responses_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict
         kind = item.get("type", "message") if isinstance(item, Mapping) else None
         if kind == "reasoning":  # a previous turn's thinking: not part of the next prompt (chat.py's rule)
             continue
+        if kind == "function_call":  # a call of an earlier turn: it belongs to that turn's assistant message
+            call = _call(item.get("call_id"), item.get("name"), item.get("arguments"), where)
+            if not msgs or msgs[-1].role != "assistant":
+                msgs.append(chat.Message("assistant", ""))
+            msgs[-1].tool_calls.append(call)
+            continue
+        if kind == "function_call_output":
+            out = item.get("output", "")
+            out = _texts(out, f"{where}.output", ("input_text", "output_text", "text"))
+            msgs.append(chat.Message("tool", out, tool_call_id=item.get("call_id")))
+            continue
         if kind != "message":
-            raise RequestError(f"{where} of type {kind!r} is not supported: this server takes messages only (no "
-                               f"tool calls)", where)
+            raise RequestError(f"{where} of type {kind!r} is not supported (messages, function calls and their "
+                               f"outputs only)", where)
         role = item.get("role")
         role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant"):
             raise RequestError(f"{where}.role must be one of user, assistant, system, developer", where)
-        text, _ = _text_parts(item.get("content"), where, ("input_text", "output_text", "text"))
+        text = _texts(item.get("content"), f"{where}.content", ("input_text", "output_text", "text"))
         msgs.append(chat.Message(role, text))
-    if not any(m.role == "user" for m in msgs):
+    if not any(m.role in ("user", "tool") for m in msgs):
         raise RequestError("'input' has no user message", "input")
     fields = {k: body[k] for k in ("temperature", "top_p") if k in body}
     n = body.get("max_output_tokens")
@@ -245,8 +333,8 @@ class ResponsesBuilder:
                 "reasoning": {"effort": effort, "summary": None}, "store": False,
                 "temperature": b.get("temperature", DEFAULT_TEMPERATURE), "top_p": b.get("top_p", DEFAULT_TOP_P),
                 "text": {"format": {"type": "text"}},
-                "tool_choice": "auto", "tools": [], "truncation": "disabled", "usage": self.usage,
-                "metadata": b.get("metadata") or {}}
+                "tool_choice": b.get("tool_choice", "auto"), "tools": b.get("tools") or [],
+                "truncation": "disabled", "usage": self.usage, "metadata": b.get("metadata") or {}}
 
     def finish(self, finish: str, result: Mapping[str, Any] | None) -> None:
         if finish == "length":
@@ -272,19 +360,25 @@ class ResponsesBuilder:
         parts = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
         return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": parts}
 
-    def response(self, reasoning: str, content: str, finish: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def call_item(c: ToolCall, arguments: str, status: str) -> dict[str, Any]:
+        return {"type": "function_call", "id": c.id.replace("call_", "fc_", 1), "call_id": c.id, "name": c.name,
+                "arguments": arguments, "status": status}
+
+    def response(self, a: Answer) -> dict[str, Any]:
         """The whole Response of a non-streamed request."""
-        if self.thinking and reasoning:
-            self.output.append(self.reasoning_item(new_id("rs"), reasoning, "completed"))
-        if content or not self.output:
-            self.output.append(self.message_item(new_id("msg"), content,
-                                                 "incomplete" if finish == "length" else "completed"))
-        self.finish(finish, result)
+        if self.thinking and a.reasoning:
+            self.output.append(self.reasoning_item(new_id("rs"), a.reasoning, "completed"))
+        if a.content or not (self.output or a.calls):
+            self.output.append(self.message_item(new_id("msg"), a.content,
+                                                 "incomplete" if a.finish == "length" else "completed"))
+        self.output += [self.call_item(c, c.arguments_json, "completed") for c in a.calls]
+        self.finish(a.finish, a.result)
         return self.snapshot()
 
     async def events(self, events: AsyncIterator[Event]) -> AsyncIterator[dict[str, str]]:
         """SSE events of a streamed request: response.created / .in_progress; per output item .output_item.added,
-        its text deltas and .done events, .output_item.done; then response.completed (or .incomplete)."""
+        its deltas and .done events, .output_item.done; then response.completed (or .incomplete)."""
         def ev(name: str, data: dict[str, Any]) -> dict[str, str]:
             out = {"event": name, "data": json.dumps({"type": name, "sequence_number": self.seq, **data},
                                                       ensure_ascii=False)}
@@ -293,7 +387,7 @@ class ResponsesBuilder:
 
         yield ev("response.created", {"response": self.snapshot()})
         yield ev("response.in_progress", {"response": self.snapshot()})
-        cur: dict[str, Any] | None = None  # the open item: {"kind", "id", "index", "text"}
+        cur: dict[str, Any] | None = None  # the open text item: {"kind", "id", "index", "text"}
 
         def close(status: str) -> Iterator[dict[str, str]]:
             nonlocal cur
@@ -327,6 +421,19 @@ class ResponsesBuilder:
                     "item_id": item_id, "output_index": cur["index"], "content_index": 0,
                     "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
 
+        def calls(found: list[ToolCall]) -> Iterator[dict[str, str]]:
+            yield from close("completed")
+            for c in found:
+                index, item = len(self.output), self.call_item(c, "", "in_progress")
+                self.output.append(item)
+                loc = {"item_id": item["id"], "output_index": index}
+                yield ev("response.output_item.added", {"output_index": index, "item": item})
+                yield ev("response.function_call_arguments.delta", {**loc, "delta": c.arguments_json})
+                yield ev("response.function_call_arguments.done", {**loc, "arguments": c.arguments_json,
+                                                                   "name": c.name})
+                self.output[index] = self.call_item(c, c.arguments_json, "completed")
+                yield ev("response.output_item.done", {"output_index": index, "item": self.output[index]})
+
         async for e in events:
             if e[0] == "delta":
                 kind = "reasoning" if e[1] == "reasoning" else "content"
@@ -339,6 +446,9 @@ class ResponsesBuilder:
                     yield ev("response.reasoning_text.delta", {**loc, "delta": e[2]})
                 else:
                     yield ev("response.output_text.delta", {**loc, "delta": e[2], "logprobs": []})
+            elif e[0] == "tool_calls":
+                for x in calls(e[1]):
+                    yield x
             elif e[0] == "error":
                 yield ev("error", {"code": "server_error", "message": e[2], "param": None})
                 return
@@ -353,4 +463,3 @@ class ResponsesBuilder:
                 name = "response.incomplete" if self.status == "incomplete" else "response.completed"
                 yield ev(name, {"response": self.snapshot()})
                 return
-

@@ -11,6 +11,9 @@ Shape:
 - Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}; /v1/messages uses Anthropic's.
 - /v1/chat/completions and /v1/completions here; Anthropic's /v1/messages and OpenAI's /v1/responses (apis.py)
   share the chat format, the worker and the non-streamed collection.
+- Tools: the prompt carries the model's tools block (chat.py); the worker passes the answer text through a
+  ToolCallScanner (toolcalls.py), which keeps the DSML call block out of the text, ends the turn when the block
+  closes and hands the calls over as a ("tool_calls", calls) event before "done" (finish "tool_calls").
 
 The engine is anything with the `Engine` shape below; `load_engine` builds the real one (runtime.Model + the
 tokenizer from the same GGUF).
@@ -40,7 +43,8 @@ from starlette.routing import Route
 
 from . import apis, chat
 from .sampling import DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Sampler, SamplingParams, StopMatcher
-from .tokenizer import Tokenizer
+from .tokenizer import DSML, Tokenizer
+from .toolcalls import ToolCallScanner
 
 log = logging.getLogger("spark_setup.server")
 
@@ -149,6 +153,7 @@ class Job:
     params: SamplingParams
     thinking: bool  # the prompt opened a <think> block: text is reasoning until </think>
     loop: asyncio.AbstractEventLoop
+    tools: bool = False  # the prompt offered tools: a DSML tool-call block in the answer becomes calls
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
@@ -267,6 +272,8 @@ class Worker:
         sampler = Sampler(job.params)
         decoder = tok.stream_decoder()
         stopper = StopMatcher(job.params.stop)
+        scanner = ToolCallScanner() if job.tools else None
+        dsml_id = tok.token_id(DSML) if job.tools else None
         in_reasoning = job.thinking
         limit = job.params.max_tokens
         n_gen = n_reasoning = 0
@@ -291,16 +298,21 @@ class Worker:
                 tail = decoder.flush()
                 if tail:
                     job.post("delta", "reasoning", tail)
-            elif not tok.is_special(token):  # other special tokens are counted, never shown
+            elif not tok.is_special(token) or token == dsml_id:  # other specials are counted, never shown
                 text = decoder.push(token)
                 if text and in_reasoning:
                     job.post("delta", "reasoning", text)
                 elif text:
+                    if scanner is not None:
+                        text = scanner.push(text)
                     text, stopped = stopper.push(text)
                     if text:
                         job.post("delta", "content", text)
                     if stopped:
                         finish = "stop_string"
+                        break
+                    if scanner is not None and scanner.closed:  # the calls are complete: the turn is over
+                        finish = "tool_calls"
                         break
             if limit is not None and n_gen >= limit:
                 break
@@ -315,6 +327,10 @@ class Worker:
                 if rest:
                     job.post("delta", "reasoning", rest)
             else:
+                calls = []
+                if scanner is not None:
+                    shown, (tail, calls) = scanner.push(rest), scanner.finish()
+                    rest = shown + tail
                 text, stopped = stopper.push(rest)
                 if not stopped:
                     text += stopper.flush()
@@ -322,6 +338,10 @@ class Worker:
                     finish = "stop"
                 if text:
                     job.post("delta", "content", text)
+                # calls the model finished (block closed, or end of turn); a block cut by max_tokens is dropped
+                if calls and (finish in ("tool_calls", "stop") or (scanner is not None and scanner.closed)):
+                    job.post("tool_calls", calls)
+                    finish = "tool_calls"
         if finish == "stop_string":
             finish = "stop"
         elapsed = time.monotonic() - t0
@@ -623,24 +643,33 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
         state.worker.submit(job)
         return job
 
-    async def collect(job: Job, request: Request) -> tuple[str, str, str, dict | None]:
-        """A non-streamed job's (reasoning, content, finish, result); result None: the client went away."""
-        reasoning, content, finish, result = [], [], "stop", None
+    async def collect(job: Job, request: Request) -> apis.Answer:
+        """A non-streamed job's answer; its `result` is None when the client went away."""
+        reasoning, content, finish, result, calls = [], [], "stop", None, []
         async for ev in _events(job, request):
             if ev[0] == "delta":
                 (reasoning if ev[1] == "reasoning" else content).append(ev[2])
+            elif ev[0] == "tool_calls":
+                calls = ev[1]
             elif ev[0] == "error":
                 raise APIError(ev[1], ev[2], "server_error")
             else:
                 finish, result = ev[1], ev[2]
-        return "".join(reasoning), "".join(content), finish, result
+        return apis.Answer("".join(reasoning), "".join(content), finish, result, calls)
 
-    def chat_job(eng: Engine, messages: list, thinking: bool, fields: dict, tools=None) -> Job:
+    def chat_job(eng: Engine, messages: list, thinking: bool, fields: dict, tools: Any = None,
+                 tool_choice: Any = None) -> Job:
+        """The job of a chat-shaped request. `tools`: the request's tool list (OpenAI's shapes, or function
+        definitions); tool_choice "none" renders none."""
         try:
-            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking, tools=tools)
+            schemas = chat.tool_schemas(tools) if tools and tool_choice != "none" else None
+            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking, tools=schemas)
         except chat.ChatFormatError as exc:
-            raise APIError(400, exc.message, param="messages", code="invalid_value")
-        return make_job(eng, prompt, sampling_from(fields, None, eng.tokenizer.n_vocab), thinking)
+            raise APIError(400, exc.message, param="tools" if "tools" in exc.message else "messages",
+                           code="invalid_value")
+        job = make_job(eng, prompt, sampling_from(fields, None, eng.tokenizer.n_vocab), thinking)
+        job.tools = bool(schemas)
+        return job
 
     def sse_of(job: Job, events) -> Response:
         async def gen():
@@ -662,7 +691,7 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
         stream = _get(body, "stream", bool, False)
         opts = _get(body, "stream_options", dict, {}) or {}
         include_usage = bool(opts.get("include_usage"))
-        job = chat_job(eng, messages, thinking, body, tools=body.get("tools") or None)
+        job = chat_job(eng, messages, thinking, body, body.get("tools"), body.get("tool_choice"))
         cid, created, model = _chunk_id("chatcmpl"), int(time.time()), eng.model_id
 
         if stream:
@@ -683,6 +712,10 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
                         key = "reasoning_content" if ev[1] == "reasoning" else "content"
                         yield {"data": chunk({**role, key: ev[2]})}
                         role = {}
+                    elif ev[0] == "tool_calls":
+                        yield {"data": chunk({**role, "tool_calls": [
+                            {"index": n, **apis.openai_call(c)} for n, c in enumerate(ev[1])]})}
+                        role = {}
                     elif ev[0] == "error":
                         yield {"data": json.dumps({"error": {"message": ev[2], "type": "server_error",
                                                              "param": None, "code": None}})}
@@ -697,16 +730,18 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
 
             return sse_of(job, gen())
 
-        reasoning, content, finish, result = await collect(job, request)
-        if result is None:  # client gone
+        a = await collect(job, request)
+        if a.result is None:  # client gone
             return Response(status_code=499)
-        message = {"role": "assistant", "content": content}
+        message: dict[str, Any] = {"role": "assistant", "content": a.content if a.content or not a.calls else None}
         if thinking:
-            message["reasoning_content"] = reasoning
+            message["reasoning_content"] = a.reasoning
+        if a.calls:
+            message["tool_calls"] = [apis.openai_call(c) for c in a.calls]
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": result["usage"], "timings": result["timings"]})
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": a.finish}],
+            "usage": a.result["usage"], "timings": a.result["timings"]})
 
     async def completions(request: Request) -> Response:
         eng = state.require_ready()
@@ -758,32 +793,33 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
 
             return sse_of(job, gen())
 
-        _, text, finish, result = await collect(job, request)
-        if result is None:
+        a = await collect(job, request)
+        if a.result is None:
             return Response(status_code=499)
-        return JSONResponse({**obj(text, finish, result["usage"]), "timings": result["timings"]})
+        return JSONResponse({**obj(a.content, a.finish, a.result["usage"]), "timings": a.result["timings"]})
 
     async def anthropic_messages(request: Request) -> Response:
         eng = state.require_ready()
         body = await read_json(request)
-        messages, fields = apis.anthropic_request(body)
+        messages, fields, tools = apis.anthropic_request(body)
         thinking = thinking_from(body)
-        job = chat_job(eng, messages, thinking, fields)
+        job = chat_job(eng, messages, thinking, fields, tools)
         msg_id, model = apis.new_id("msg"), eng.model_id
         if _get(body, "stream", bool, False):
             return sse_of(job, apis.anthropic_events(model, msg_id, len(job.prompt),
                                                      _events(job, request, watch_disconnect=False)))
-        reasoning, content, finish, result = await collect(job, request)
-        if result is None:
+        a = await collect(job, request)
+        if a.result is None:
             return Response(status_code=499)
-        return JSONResponse(apis.anthropic_message(model, msg_id, reasoning, content, thinking, finish, result))
+        return JSONResponse(apis.anthropic_message(model, msg_id, a, thinking))
 
     async def anthropic_count_tokens(request: Request) -> Response:
         eng = state.require_ready()
         body = await read_json(request)
-        messages, _ = apis.anthropic_request({"max_tokens": 1, **body})  # count_tokens takes no max_tokens
+        messages, _, tools = apis.anthropic_request({"max_tokens": 1, **body})  # count_tokens has no max_tokens
         try:
-            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking_from(body))
+            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking_from(body),
+                                 tools=chat.tool_schemas(tools) if tools else None)
         except chat.ChatFormatError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_value")
         return JSONResponse({"input_tokens": len(prompt)})
@@ -793,14 +829,14 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
         body = await read_json(request)
         messages, fields, effort_thinking = apis.responses_request(body)
         thinking = thinking_from(body) if effort_thinking is None else effort_thinking
-        job = chat_job(eng, messages, thinking, fields)
+        job = chat_job(eng, messages, thinking, fields, body.get("tools"), body.get("tool_choice"))
         builder = apis.ResponsesBuilder(eng.model_id, body, thinking)
         if _get(body, "stream", bool, False):
             return sse_of(job, builder.events(_events(job, request, watch_disconnect=False)))
-        reasoning, content, finish, result = await collect(job, request)
-        if result is None:
+        a = await collect(job, request)
+        if a.result is None:
             return Response(status_code=499)
-        return JSONResponse(builder.response(reasoning, content, finish, result))
+        return JSONResponse(builder.response(a))
 
     async def not_found(request: Request, exc) -> Response:
         return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
