@@ -15,6 +15,14 @@ def test_single_user_turn_thinking_and_not():
     assert render([Message("user", "Hi")], thinking=True) == f"{B}{U}Hi{A}<think>"
 
 
+def test_think_max_prefix_comes_first_and_only_when_thinking():
+    msgs = [Message("system", "S"), Message("user", "Q")]
+    text = render(msgs, thinking=True, max_effort=True)
+    assert text.startswith(f"{B}Reasoning Effort: Absolute maximum with no shortcuts permitted.\n")
+    assert text.endswith(f"left unchecked.\n\nS{U}Q{A}<think>") and text.count("\n") == 4
+    assert render(msgs, thinking=False, max_effort=True) == render(msgs, thinking=False) == f"{B}S{U}Q{A}</think>"
+
+
 def test_system_texts_join_after_bos_without_marker():
     msgs = [Message("system", "S1"), Message("user", "Q"), Message("system", "S2")]
     assert render(msgs, thinking=False) == f"{B}S1\n\nS2{U}Q{A}</think>"

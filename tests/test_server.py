@@ -159,6 +159,20 @@ def test_thinking_is_the_default_and_comes_as_reasoning_content(client, tok):
     assert kinds == sorted(kinds, key=lambda k: k != "r")  # all reasoning deltas before any content
 
 
+def test_reasoning_effort_none_turns_thinking_off_and_max_adds_think_max(client, tok):
+    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}], temperature=0,
+                                       reasoning_effort="none")
+    assert r.choices[0].message.content == "Paris" and getattr(r.choices[0].message, "reasoning_content", None) is None
+    m = client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}], temperature=0,
+                                       max_tokens=2, extra_body={"reasoning_effort": "max"})
+    assert m.usage.prompt_tokens == len(chat.encode(tok, [chat.Message("user", Q)], thinking=True, max_effort=True))
+    resp = client.responses.create(model="x", input=Q, max_output_tokens=2, reasoning={"effort": "xhigh"})
+    assert resp.usage.input_tokens == m.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="effort"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}],
+                                       extra_body={"reasoning_effort": 3})
+
+
 def test_think_false_turns_thinking_off(client):
     r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}], temperature=0,
                                        extra_body={"think": False})

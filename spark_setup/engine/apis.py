@@ -249,9 +249,9 @@ def anthropic_error(status: int, message: str) -> dict[str, Any]:
 
 
 # ---- OpenAI Responses API ---------------------------------------------------------------------------------------
-def responses_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict[str, Any], bool | None]:
-    """Messages, the sampling fields under their chat names, and the thinking choice of `reasoning.effort`
-    (None: not given). The tools go to chat.tool_schemas as they are."""
+def responses_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict[str, Any], Any]:
+    """Messages, the sampling fields under their chat names, and `reasoning.effort` (None: not given). The tools
+    go to chat.tool_schemas as they are."""
     if body.get("previous_response_id") is not None:
         raise RequestError("'previous_response_id' is not supported: this server stores no responses; send the "
                            "whole conversation in 'input'", "previous_response_id")
@@ -303,11 +303,8 @@ def responses_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise RequestError("'max_output_tokens' must be an integer >= 1", "max_output_tokens")
         fields["max_tokens"] = n
-    thinking = None
     reasoning = body.get("reasoning")
-    if isinstance(reasoning, Mapping) and reasoning.get("effort") is not None:
-        thinking = reasoning["effort"] not in ("none", "minimal")
-    return msgs, fields, thinking
+    return msgs, fields, reasoning.get("effort") if isinstance(reasoning, Mapping) else None
 
 
 class ResponsesBuilder:

@@ -120,6 +120,15 @@ def _json(value: Any) -> str:
 
 Segment = tuple[str, bool]  # (text, is_special_token)
 
+# Think-Max: right after BOS, in thinking mode, when a request asks for the most reasoning effort (ds4-model-facts
+# §E; the text as the model's encoder writes it)
+MAX_EFFORT_PREFIX = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, "
+    "rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered "
+    "alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n")
+
 # The tools block after the system text. {D}, {T}, {/T}: the ｜DSML｜, <think> and </think> special tokens.
 _TOOLS_BLOCK = """## Tools
 
@@ -225,9 +234,9 @@ def _turns(messages: Sequence[Message]) -> list[tuple[str, Any]]:
 
 
 def render_segments(messages: Iterable[Message], thinking: bool = True,
-                    tools: Sequence[dict[str, Any]] | None = None) -> list[Segment]:
+                    tools: Sequence[dict[str, Any]] | None = None, max_effort: bool = False) -> list[Segment]:
     """The prompt as spans: special tokens (is_special=True) and the texts between them. `tools`: function
-    definitions (tool_schemas)."""
+    definitions (tool_schemas); `max_effort`: the Think-Max prefix (thinking mode only)."""
     messages = list(messages)
     system = "\n\n".join(m.content for m in messages if m.role == "system")
     out: list[Segment] = [(BOS, True)]
@@ -236,6 +245,8 @@ def render_segments(messages: Iterable[Message], thinking: bool = True,
         if t:
             out.append((t, False))
 
+    if thinking and max_effort:
+        text(MAX_EFFORT_PREFIX)
     text(system)
     if tools:
         out += [("\n\n", False)] + tools_block(tools)
@@ -261,19 +272,20 @@ def render_segments(messages: Iterable[Message], thinking: bool = True,
     return out
 
 
-def render(messages: Iterable[Message], thinking: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> str:
+def render(messages: Iterable[Message], thinking: bool = True, tools: Sequence[dict[str, Any]] | None = None,
+           max_effort: bool = False) -> str:
     """The prompt text for the next assistant turn."""
-    return "".join(t for t, _ in render_segments(messages, thinking, tools))
+    return "".join(t for t, _ in render_segments(messages, thinking, tools, max_effort))
 
 
 def encode(tokenizer, messages: Iterable[Message], thinking: bool = True,
-           tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+           tools: Sequence[dict[str, Any]] | None = None, max_effort: bool = False) -> list[int]:
     """Prompt token ids as ds4 builds them: special tokens inserted by id, each text span encoded on its own with
     special-token strings inside it treated as plain text (a user cannot forge a turn marker). For ordinary text
     this equals tokenizer.encode(render(...))."""
     ids: list[int] = []
     pending = ""  # adjacent text spans are one text, as the tokenizer would see it between two specials
-    for t, special in render_segments(messages, thinking, tools) + [("", True)]:
+    for t, special in render_segments(messages, thinking, tools, max_effort) + [("", True)]:
         if not special:
             pending += t
             continue

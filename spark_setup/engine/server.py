@@ -457,6 +457,17 @@ def thinking_from(body: dict) -> bool:
     return True
 
 
+def reasoning_from(body: dict, effort: Any) -> tuple[bool, bool]:
+    """(thinking, Think-Max) of a request: a reasoning effort of none/minimal turns thinking off, max/xhigh asks for
+    the Think-Max prefix (thinking mode only); any other effort (low/medium/high) leaves the defaults."""
+    if effort is not None and not isinstance(effort, str):
+        raise APIError(400, "the reasoning effort must be a string", param="reasoning_effort", code="invalid_type")
+    if effort in ("none", "minimal"):
+        return False, False
+    thinking = thinking_from(body)
+    return thinking, thinking and effort in ("max", "xhigh")
+
+
 async def read_json(request: Request) -> dict:
     raw = await request.body()
     try:
@@ -658,12 +669,12 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
         return apis.Answer("".join(reasoning), "".join(content), finish, result, calls)
 
     def chat_job(eng: Engine, messages: list, thinking: bool, fields: dict, tools: Any = None,
-                 tool_choice: Any = None) -> Job:
+                 tool_choice: Any = None, max_effort: bool = False) -> Job:
         """The job of a chat-shaped request. `tools`: the request's tool list (OpenAI's shapes, or function
         definitions); tool_choice "none" renders none."""
         try:
             schemas = chat.tool_schemas(tools) if tools and tool_choice != "none" else None
-            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking, tools=schemas)
+            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking, tools=schemas, max_effort=max_effort)
         except chat.ChatFormatError as exc:
             raise APIError(400, exc.message, param="tools" if "tools" in exc.message else "messages",
                            code="invalid_value")
@@ -687,11 +698,12 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
             messages = chat.parse_messages(body.get("messages"))
         except chat.ChatFormatError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_value")
-        thinking = thinking_from(body)
+        kwargs = body.get("chat_template_kwargs") if isinstance(body.get("chat_template_kwargs"), dict) else {}
+        thinking, max_effort = reasoning_from(body, body.get("reasoning_effort", kwargs.get("reasoning_effort")))
         stream = _get(body, "stream", bool, False)
         opts = _get(body, "stream_options", dict, {}) or {}
         include_usage = bool(opts.get("include_usage"))
-        job = chat_job(eng, messages, thinking, body, body.get("tools"), body.get("tool_choice"))
+        job = chat_job(eng, messages, thinking, body, body.get("tools"), body.get("tool_choice"), max_effort)
         cid, created, model = _chunk_id("chatcmpl"), int(time.time()), eng.model_id
 
         if stream:
@@ -827,9 +839,9 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
     async def responses(request: Request) -> Response:
         eng = state.require_ready()
         body = await read_json(request)
-        messages, fields, effort_thinking = apis.responses_request(body)
-        thinking = thinking_from(body) if effort_thinking is None else effort_thinking
-        job = chat_job(eng, messages, thinking, fields, body.get("tools"), body.get("tool_choice"))
+        messages, fields, effort = apis.responses_request(body)
+        thinking, max_effort = reasoning_from(body, effort)
+        job = chat_job(eng, messages, thinking, fields, body.get("tools"), body.get("tool_choice"), max_effort)
         builder = apis.ResponsesBuilder(eng.model_id, body, thinking)
         if _get(body, "stream", bool, False):
             return sse_of(job, builder.events(_events(job, request, watch_disconnect=False)))
