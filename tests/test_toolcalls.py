@@ -49,3 +49,9 @@ def test_each_call_gets_its_own_id_and_json_arguments():
     a, b = parse_block(BLOCK)
     assert a.id.startswith("call_") and a.id != b.id
     assert a.arguments_json == '{"city": "Paris", "days": [1, 2]}'
+
+
+def test_a_parameter_without_its_string_attribute_is_json_when_it_parses():
+    block = (f"<{D}tool_calls>\n<{D}invoke name=\"f\">\n<{D}parameter name=\"n\">3</{D}parameter>\n"
+             f"<{D}parameter name=\"s\">Paris</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>")
+    assert [(c.name, c.arguments) for c in parse_block(block)] == [("f", {"n": 3, "s": "Paris"})]

@@ -20,7 +20,7 @@ from .tokenizer import DSML
 START = f"<{DSML}tool_calls>"
 END = f"</{DSML}tool_calls>"
 _INVOKE = re.compile(rf'<{DSML}invoke name="([^"]*)">(.*?)</{DSML}invoke>', re.S)
-_PARAM = re.compile(rf'<{DSML}parameter name="([^"]*)" string="(true|false)">(.*?)</{DSML}parameter>', re.S)
+_PARAM = re.compile(rf'<{DSML}parameter name="([^"]*)"(?: string="(true|false)")?>(.*?)</{DSML}parameter>', re.S)
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ToolCall:
 
 def parse_block(block: str) -> list[ToolCall]:
     """The complete invokes of a block's text (an unfinished last one is dropped). string="false" values are JSON;
-    one that does not parse is kept as its text."""
+    one that does not parse is kept as its text, as is a value whose string attribute is missing and is not JSON."""
     calls = []
     for name, body in _INVOKE.findall(block):
         args: dict[str, Any] = {}
