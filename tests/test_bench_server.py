@@ -70,13 +70,15 @@ def test_bench_against_our_server(demo_server, served_model, tmp_path):
     model, name = served_model
     out = tmp_path / "bench.md"
     r = subprocess.run([sys.executable, "-m", "spark_setup", "bench", "--url", demo_server, "--pp", "64",
-                        "--tg", "8", "--depth", "0", "128", "--runs", "2", "--tokenizer", str(model),
+                        # 32 tokens: ~40 ms of SSE chunks, so a slow client cannot read all of them at one instant
+                        # (tg t/s needs two distinct arrival times)
+                        "--tg", "32", "--depth", "0", "128", "--runs", "2", "--tokenizer", str(model),
                         "--format", "md", "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "| model | test | t/s | peak t/s | ttfr (ms) | est_ppt (ms) | e2e_ttft (ms) |"
     rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in lines[2:6]]
-    assert [row[1] for row in rows] == ["pp64", "tg8", "pp64 @ d128", "tg8 @ d128"]
+    assert [row[1] for row in rows] == ["pp64", "tg32", "pp64 @ d128", "tg32 @ d128"]
     assert all(row[0] == name for row in rows)
     for row in rows:
         mean = float(row[2].split("±")[0])
