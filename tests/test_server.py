@@ -687,23 +687,28 @@ def test_chat_completions_tool_call_round_trip(client, city, thinking):
     assert (r2.choices[0].message.content, r2.choices[0].finish_reason) == (answer, "stop")
 
 
-def test_messages_tool_use_round_trip(claude):
+@pytest.mark.parametrize("city, thinking", [("Rome", False), ("Paris", True)])
+def test_messages_tool_use_round_trip(claude, city, thinking):
     tools = [{"name": WEATHER["name"], "description": WEATHER["description"], "input_schema": WEATHER["parameters"]}]
-    q = user("What is the weather in Rome?")
-    kw = dict(model="x", max_tokens=100, tools=tools, thinking={"type": "disabled"}, extra_body=GREEDY)
+    q = user(f"What is the weather in {city}?")
+    kw = dict(model="x", max_tokens=100, tools=tools, extra_body=GREEDY,
+              thinking={"type": "enabled", "budget_tokens": 64} if thinking else {"type": "disabled"})
     m = claude.messages.create(messages=q, **kw)
+    expected = [("tool_use", "get_weather", {"city": city})]
     assert m.stop_reason == "tool_use"
-    assert [(b.type, b.name, b.input) for b in m.content] == [("tool_use", "get_weather", {"city": "Rome"})]
+    assert [(b.type, b.name, b.input) for b in m.content if b.type != "thinking"] == expected
+    assert [b.thinking for b in m.content if b.type == "thinking"] == ([WHY.format(city)] if thinking else [])
     with claude.messages.stream(messages=q, **kw) as s:
         streamed = s.get_final_message()
-    assert [(b.type, b.name, b.input) for b in streamed.content] == [("tool_use", "get_weather", {"city": "Rome"})]
-    assert streamed.stop_reason == "tool_use" and streamed.content[0].id.startswith("toolu_")
+    assert [(b.type, b.name, b.input) for b in streamed.content if b.type != "thinking"] == expected
+    assert streamed.stop_reason == "tool_use" and streamed.content[-1].id.startswith("toolu_")
+    # the second turn sends the whole assistant turn back (its thinking block too: with tools it stays in the prompt)
     turns = q + [{"role": "assistant", "content": [b.model_dump() for b in m.content]},
-                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": m.content[0].id,
-                                               "content": RESULTS["Rome"][0]}]}]
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": m.content[-1].id,
+                                               "content": RESULTS[city][0]}]}]
     m2 = claude.messages.create(messages=turns, **kw)
-    assert ([b.text for b in m2.content], m2.stop_reason) == ([RESULTS["Rome"][1]], "end_turn")
-    counted = claude.messages.count_tokens(model="x", messages=turns, tools=tools, thinking={"type": "disabled"})
+    assert ([b.text for b in m2.content if b.type == "text"], m2.stop_reason) == ([RESULTS[city][1]], "end_turn")
+    counted = claude.messages.count_tokens(model="x", messages=turns, tools=tools, thinking=kw["thinking"])
     assert counted.input_tokens == m2.usage.input_tokens
 
 
