@@ -92,3 +92,17 @@ def test_top_p_on_a_wide_distribution_keeps_exactly_the_nucleus():
     n = int(np.searchsorted(np.cumsum(probs), 0.5) + 1)
     c = draws(logits, n=4000, top_p=0.5, min_p=0.0)
     assert c[n:].sum() == 0 and c[n - 1] > 0 and n > 200
+
+
+def test_presence_and_frequency_penalties_count_what_was_generated():
+    logits = np.array([5.0, 4.0, 3.9])
+    greedy = Sampler(SamplingParams(temperature=0))
+    assert [greedy(logits) for _ in range(3)] == [0, 0, 0]  # no penalty: the same token every time
+    pres = Sampler(SamplingParams(temperature=0, presence_penalty=1.5))
+    assert [pres(logits) for _ in range(4)] == [0, 1, 2, 0]  # each seen token loses 1.5 once
+    freq = Sampler(SamplingParams(temperature=0, frequency_penalty=0.75))
+    # token 0 loses 0.75 per use: 5.0 -> 4.25 (still first) -> 3.5, where token 1 (4.0) wins
+    assert [freq(logits) for _ in range(3)] == [0, 0, 1]
+    assert list(logits) == [5.0, 4.0, 3.9]  # the caller's logits are not touched
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=2.5).validate()

@@ -242,6 +242,18 @@ def post(server, body, timeout=120) -> httpx.Response:
                       timeout=timeout)
 
 
+def test_presence_and_frequency_penalties_reach_the_sampler(server, tok):
+    text = lambda **kw: post(server, long_body(n=40, **kw)).json()["choices"][0]["message"]["content"]  # noqa: E731
+    plain = text()
+    ids = tok.encode(plain)
+    assert len(set(ids)) < len(ids)  # the untrained answer repeats itself: a penalty has something to change
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalized = tok.encode(text(**kw))
+        assert penalized != ids and len(set(penalized)) > len(set(ids))
+    r = post(server, long_body(n=4, presence_penalty=3))
+    assert r.status_code == 400 and "presence_penalty" in r.json()["error"]["message"]
+
+
 def test_logit_bias_bans_end_of_sentence(server, tok):
     assert tok.eos_id == 1
     r = post(server, long_body(Q, n=20)).json()

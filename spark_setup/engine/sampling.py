@@ -1,6 +1,8 @@
 """Choosing the next token from logits, and the stop rules around it.
 
-Order of the filters (each one optional): logit_bias -> temperature -> top_k -> softmax -> min_p (keep tokens whose probability
+Order of the filters (each one optional): logit_bias -> presence/frequency penalties (OpenAI's: each token already
+generated loses presence_penalty once and frequency_penalty per time it was generated) -> temperature -> top_k ->
+softmax -> min_p (keep tokens whose probability
 is at least min_p times the best one) -> top_p (smallest set whose mass reaches top_p) -> draw. Temperature 0 is
 greedy (argmax, lowest id on ties). A seed makes the draw sequence reproducible.
 """
@@ -26,6 +28,8 @@ class SamplingParams:
     max_tokens: int | None = None  # None = until EOS or the context is full
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans it)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -43,24 +47,38 @@ class SamplingParams:
             raise ValueError("stop must be non-empty strings")
         if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
             raise ValueError("logit_bias values must be between -100 and 100")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2")
 
 
 class Sampler:
+    """One generation's sampler: it counts the tokens it has chosen, for the penalties."""
+
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.counts: dict[int, int] = {}
 
     def __call__(self, logits: np.ndarray) -> int:
-        return sample(logits, self.params, self.rng)
+        token = sample(logits, self.params, self.rng, self.counts)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        return token
 
 
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
+           counts: dict[int, int] | None = None) -> int:
     logits = np.asarray(logits).reshape(-1)
     if p.logit_bias:
         logits = logits.astype(np.float64)
         for tid, bias in p.logit_bias.items():
             # -100 bans a token outright, as OpenAI documents it
             logits[tid] = -np.inf if bias <= -100.0 else logits[tid] + bias
+    if counts and (p.presence_penalty or p.frequency_penalty):
+        logits = logits.astype(np.float64)  # a copy: the caller's logits stay as they are
+        ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+        n = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+        logits[ids] -= n * p.frequency_penalty + p.presence_penalty
     if p.temperature <= 0.0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / p.temperature

@@ -424,6 +424,8 @@ def sampling_from(body: dict, default_max_tokens: int | None, n_vocab: int) -> S
         top_k=int(_get(body, "top_k", int, 0)),
         min_p=float(_get(body, "min_p", (int, float), DEFAULT_MIN_P)),
         seed=_get(body, "seed", int),
+        presence_penalty=float(_get(body, "presence_penalty", (int, float), 0.0)),
+        frequency_penalty=float(_get(body, "frequency_penalty", (int, float), 0.0)),
         max_tokens=max_tokens,
         stop=[s for s in stop if s],
         logit_bias=_logit_bias(body, n_vocab),
