@@ -225,6 +225,47 @@ def test_prefix_of_the_live_session_is_reused(client, server):
     assert r.usage.prompt_tokens_details.cached_tokens == after["reused_tokens"] - before["reused_tokens"]
 
 
+def reuse_after_a_side_request(srv) -> tuple[int, int, int]:
+    """Conversation A's first turn, an unrelated side request B, then A's second turn: (tokens of A's first prompt,
+    tokens B reused, tokens A's second turn reused), from /health's counters."""
+    sys_msg = {"role": "system", "content": "You are a helpful assistant."}
+    turn1 = [sys_msg, {"role": "user", "content": "What is the capital of Italy?"}]
+    first = post(srv, {"messages": turn1, "temperature": 0, "think": False}).json()
+    b0 = srv.health()["stats"]["reused_tokens"]
+    post(srv, {"messages": [{"role": "user", "content": "Hello"}], "temperature": 0, "think": False})
+    b1 = srv.health()["stats"]["reused_tokens"]
+    turn2 = turn1 + [first["choices"][0]["message"], {"role": "user", "content": Q}]
+    second = post(srv, {"messages": turn2, "temperature": 0, "think": False}).json()
+    assert second["choices"][0]["message"]["content"] == "Paris"
+    return first["usage"]["prompt_tokens"], b1 - b0, srv.health()["stats"]["reused_tokens"] - b1
+
+
+def test_a_second_session_keeps_a_conversation_through_a_side_request(engine_lib, tmp_path, server):
+    srv = Server(tmp_path, "--demo", "--ctx", "512", "--api-key", KEY, "--sessions", "2")
+    try:
+        assert srv.wait_ready()["stats"]["sessions"] == 2
+        n_first, side, again = reuse_after_a_side_request(srv)
+        assert side == 0  # the side request went to the empty session...
+        assert again >= n_first  # ...so the conversation's whole first turn (and its answer) was still there
+    finally:
+        assert srv.stop() == 0
+    # one session: the side request truncates the conversation to the tokens they share
+    n_first, side, again = reuse_after_a_side_request(server)
+    assert server.health()["stats"]["sessions"] == 1 and again < n_first // 2
+
+
+def test_pick_slot_prefers_a_session_it_extends_then_the_least_recently_used():
+    from spark_setup.engine.server import Slot, pick_slot
+
+    a, b, c = Slot(None, [1, 2, 3, 4], used=3.0), Slot(None, [1, 9, 9], used=1.0), Slot(None, [], used=0.0)
+    assert pick_slot([a, b, c], [1, 2, 3, 4, 5]) is a  # extends a
+    assert pick_slot([a, b, c], [1, 2, 3, 7]) is a  # shares 3 of a's 4 tokens: little is lost
+    assert pick_slot([a, b, c], [1, 7]) is c  # shares too little with a or b: the least recently used (empty) one
+    assert pick_slot([a, b], [1, 7]) is b  # ... or the older one
+    assert pick_slot([a, b], [1, 9, 9, 5]) is b
+    assert pick_slot([a], [5]) is a  # one session: always it
+
+
 def test_health_reports_the_last_decode_speed(client, server):
     ask(client, Q_PLAIN)  # a multi-token answer: its decode speed is measurable
     speed = server.health()["stats"]["last_decode_tokens_per_s"]

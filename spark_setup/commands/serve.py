@@ -69,14 +69,14 @@ def resolve_backend(backend: str) -> str:
 
 
 def run_foreground(settings: Settings, model: Optional[Path], demo: bool, ctx: int, api_key: Optional[str],
-                   backend: str, max_queue: int) -> int:
+                   backend: str, max_queue: int, sessions: int = 1) -> int:
     from ..engine import server
 
     if ctx < 64:
         raise UsageError(f"--ctx must be at least 64 tokens, got {ctx}")
     path, model_id = resolve_model(settings, model, demo)
     config = server.ServerConfig(model_path=path, ctx=ctx, backend=resolve_backend(backend), api_key=api_key or None,
-                                 max_queue=max_queue, model_id=model_id)
+                                 max_queue=max_queue, model_id=model_id, sessions=sessions)
     try:
         return server.serve(config, settings.host, settings.port, log_file=settings.log_dir / "server.log")
     except OSError as exc:
@@ -111,6 +111,10 @@ def register(app: typer.Typer) -> None:
                                                    "(env SPARK_SETUP_API_KEY)."),
         backend: str = typer.Option("auto", "--backend", help="Engine backend: auto, cpu or cuda."),
         max_queue: int = typer.Option(8, "--max-queue", help="Requests that may wait for the engine; more get 429."),
+        sessions: int = typer.Option(1, "--sessions", envvar="SPARK_SETUP_SESSIONS",
+                                     help="Conversations whose context state stays on the GPU (each its own --ctx "
+                                          "of memory): an agent's side requests then stop evicting its main "
+                                          "conversation (env SPARK_SETUP_SESSIONS)."),
         host: Optional[str] = HostOpt, port: Optional[int] = PortOpt, prefix: Optional[Path] = PrefixOpt,
         models_dir: Optional[Path] = ModelsDirOpt, state_dir: Optional[Path] = StateDirOpt,
         # -- the systemd service (spark_setup.service, service helper) --
@@ -126,10 +130,12 @@ def register(app: typer.Typer) -> None:
         settings = settings_from(prefix, models_dir, state_dir, port, host)
         if max_queue < 0:
             raise UsageError(f"--max-queue must be >= 0, got {max_queue}")
+        if not 1 <= sessions <= 16:
+            raise UsageError(f"--sessions must be between 1 and 16, got {sessions}")
         if foreground and (enable or user or system or dry_run):
             raise UsageError("--foreground runs the server here; --enable/--user/--system/--dry-run manage the "
                              "systemd service: pick one", "spark-setup serve --foreground, or spark-setup serve --enable")
         if not foreground:
             raise typer.Exit(_manage_service(settings, model=model, demo=demo, enable=enable, user=user,
                                              system=system, dry_run=dry_run))
-        raise typer.Exit(run_foreground(settings, model, demo, ctx, api_key, backend, max_queue))
+        raise typer.Exit(run_foreground(settings, model, demo, ctx, api_key, backend, max_queue, sessions))

@@ -1,13 +1,15 @@
-"""The OpenAI-compatible HTTP server (platform-facts.md §6) over one engine session.
+"""The OpenAI-compatible HTTP server (platform-facts.md §6) over a pool of engine sessions (one by default).
 
 Shape:
 - Starlette app + uvicorn; SSE through sse-starlette.
 - The model loads in a background thread; GET /health answers 503 with progress until the model is loaded AND
   has generated one token, then 200. Under systemd the same progress goes to $NOTIFY_SOCKET (STATUS=,
   EXTEND_TIMEOUT_USEC= while loading, READY=1 when ready, STOPPING=1 on shutdown).
-- One engine worker thread owns the session. Requests wait in a bounded FIFO (429 + Retry-After beyond it). A
-  request whose client went away is cancelled before its next token. The worker keeps the live session's tokens
-  and reuses their longest common prefix with the next prompt (Session.truncate) instead of prefilling again.
+- One engine worker thread owns the sessions. Requests wait in a bounded FIFO (429 + Retry-After beyond it). A
+  request whose client went away is cancelled before its next token. The worker keeps each session's tokens and
+  reuses their longest common prefix with the next prompt (Session.truncate) instead of prefilling again; with
+  several sessions (`--sessions`), a prompt goes to the one it shares most with, unless that would throw away more
+  than half of what it holds: then to the least recently used one (pick_slot).
 - Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}; /v1/messages uses Anthropic's.
 - /v1/chat/completions and /v1/completions here; Anthropic's /v1/messages and OpenAI's /v1/responses (apis.py)
   share the chat format, the worker and the non-streamed collection.
@@ -71,8 +73,10 @@ class Engine:
     session: Session
     model_id: str
     max_ctx: int
-    close: Callable[[], None] = lambda: None
+    close: Callable[[], None] = lambda: None  # frees every session and the model
     info: dict = field(default_factory=dict)
+    # one more session of max_ctx tokens on the same weights (the server's pool); None: this engine has only one
+    new_session: Callable[[], Session] | None = None
 
 
 def load_engine(path: Path, ctx: int, backend: str = "cpu", progress: Callable[[str], None] = lambda s: None) -> Engine:
@@ -91,17 +95,22 @@ def load_engine(path: Path, ctx: int, backend: str = "cpu", progress: Callable[[
         if n_vocab != tok.n_vocab:
             raise EngineLoadError(f"{path}: the tokenizer has {tok.n_vocab} tokens but the model {n_vocab}")
         progress(f"allocating a {ctx}-token session")
-        session = model.new_session(ctx)
+        sessions = [model.new_session(ctx)]
     except BaseException:
         model.close()
         raise
 
+    def more() -> Session:
+        sessions.append(model.new_session(ctx))
+        return sessions[-1]
+
     def close() -> None:
-        session.close()
+        for one in sessions:
+            one.close()
         model.close()
 
     desc = dict(getattr(model, "desc", {}) or {})
-    return Engine(tok, session, Path(path).stem, ctx, close, {"backend": backend, **desc})
+    return Engine(tok, sessions[0], Path(path).stem, ctx, close, {"backend": backend, **desc}, more)
 
 
 class EngineLoadError(Exception):
@@ -162,6 +171,24 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+@dataclass
+class Slot:
+    """One engine session of the pool and the tokens its state holds."""
+    session: Session
+    tokens: list[int] = field(default_factory=list)
+    used: float = 0.0  # time.monotonic() of its last job
+
+
+def pick_slot(slots: list[Slot], prompt: list[int]) -> Slot:
+    """The session for a prompt: of those whose cached tokens it shares at least half of (so little cached work is
+    thrown away), the one it shares most with; else the least recently used. With one session: that one."""
+    shares = [(common_prefix(sl.tokens, prompt), sl) for sl in slots]
+    good = [(n, sl.used, i) for i, (n, sl) in enumerate(shares) if n > 0 and 2 * n >= len(sl.tokens)]
+    if good:
+        return slots[max(good)[2]]
+    return min(slots, key=lambda sl: sl.used)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -181,12 +208,14 @@ class Worker:
         self._busy = False
         self._current: Job | None = None
         self._stop = False
-        self.session_tokens: list[int] = []
+        self.slots: list[Slot] = []
         self.stats = {"requests": 0, "reused_tokens": 0, "prefilled_tokens": 0, "generated_tokens": 0}
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
 
-    def start(self, engine: Engine) -> None:
+    def start(self, engine: Engine, sessions: list[Session] | None = None) -> None:
         self.engine = engine
+        self.slots = [Slot(one) for one in (sessions or [engine.session])]
+        self.stats["sessions"] = len(self.slots)
         self._thread.start()
 
     @property
@@ -232,42 +261,46 @@ class Worker:
                 job = self._jobs.popleft()
                 self._busy = True
                 self._current = job
+            slot = None
             try:
                 if job.cancelled.is_set():
                     job.post("done", "cancelled", None)
                 else:
-                    self._generate(job)
+                    slot = pick_slot(self.slots, job.prompt)
+                    slot.used = time.monotonic()
+                    self._generate(job, slot)
             except Exception as exc:  # an engine failure fails this request, not the server
                 log.exception("generation failed")
-                self.session_tokens = []  # the session state is unknown now: re-prefill next time
-                try:
-                    self.engine.session.truncate(0)
-                except Exception:
-                    pass
+                if slot is not None:
+                    slot.tokens = []  # the session state is unknown now: re-prefill next time
+                    try:
+                        slot.session.truncate(0)
+                    except Exception:
+                        pass
                 job.post("error", 500, f"generation failed: {exc}")
             finally:
                 with self._cv:
                     self._busy = False
                     self._current = None
 
-    def _prefill(self, prompt: list[int]):
-        s = self.engine.session
-        keep = common_prefix(self.session_tokens, prompt)
+    def _prefill(self, slot: Slot, prompt: list[int]):
+        s = slot.session
+        keep = common_prefix(slot.tokens, prompt)
         keep = min(keep, len(prompt) - 1, s.pos)  # at least one token must run to get logits
         s.truncate(keep)
-        self.session_tokens = self.session_tokens[:keep]
+        slot.tokens = slot.tokens[:keep]
         logits = s.eval(prompt[keep:])
-        self.session_tokens += prompt[keep:]
+        slot.tokens += prompt[keep:]
         self.stats["reused_tokens"] += keep
         self.stats["prefilled_tokens"] += len(prompt) - keep
         return logits, keep
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job, slot: Slot) -> None:
         eng = self.engine
-        tok, s = eng.tokenizer, eng.session
+        tok, s = eng.tokenizer, slot.session
         self.stats["requests"] += 1
         t0 = time.monotonic()
-        logits, reused = self._prefill(job.prompt)
+        logits, reused = self._prefill(slot, job.prompt)
         t_prefill = time.monotonic() - t0
         sampler = Sampler(job.params)
         decoder = tok.stream_decoder()
@@ -320,7 +353,7 @@ class Worker:
                 context_full = True
                 break
             logits = s.eval([token])
-            self.session_tokens.append(token)
+            slot.tokens.append(token)
         if finish not in ("cancelled", "stop_string"):
             rest = decoder.flush()
             if in_reasoning:
@@ -493,6 +526,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = DEFAULT_QUEUE
     model_id: str | None = None
+    sessions: int = 1  # engine sessions in the pool: each keeps one conversation's state (context memory each)
 
 
 class ServerState:
@@ -538,7 +572,13 @@ class ServerState:
             logits = engine.session.eval(tok.encode(chat.render_user("Hi", thinking=False)))
             Sampler(SamplingParams(temperature=0))(logits)
             engine.session.truncate(0)
-            self.worker.start(engine)
+            sessions = [engine.session]
+            if cfg.sessions > 1 and engine.new_session is None:
+                raise EngineLoadError("this engine cannot make more than one session")
+            for n in range(2, cfg.sessions + 1):
+                self.set_progress(f"allocating session {n} of {cfg.sessions} ({cfg.ctx} tokens)")
+                sessions.append(engine.new_session())
+            self.worker.start(engine, sessions)
             self.status = "ok"
             self.progress = "ready"
             self.percent = 100
