@@ -254,6 +254,24 @@ def test_a_second_session_keeps_a_conversation_through_a_side_request(engine_lib
     assert server.health()["stats"]["sessions"] == 1 and again < n_first // 2
 
 
+def test_a_session_that_cannot_be_allocated_is_one_error_with_its_fix(engine_lib):
+    from spark_setup.engine import server as srvmod
+
+    def loader(path, ctx, backend, progress):
+        eng = srvmod.load_engine(path, ctx, backend, progress)
+        eng.new_session = lambda: (_ for _ in ()).throw(RuntimeError("out of memory"))  # as a full GPU would
+        return eng
+
+    state = srvmod.ServerState(srvmod.ServerConfig(model_path=demo_model_path(), ctx=128, sessions=3), loader)
+    try:
+        state.load()
+        assert state.status == "error"
+        assert state.error == "session 2 of 3 (128 tokens) could not be allocated: out of memory"
+        assert state.load_exc.hint == "use fewer --sessions or a smaller --ctx"
+    finally:
+        state.shutdown()  # the engine that did load is freed
+
+
 def test_pick_slot_prefers_a_session_it_extends_then_the_least_recently_used():
     from spark_setup.engine.server import Slot, pick_slot
 

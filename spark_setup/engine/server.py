@@ -114,7 +114,9 @@ def load_engine(path: Path, ctx: int, backend: str = "cpu", progress: Callable[[
 
 
 class EngineLoadError(Exception):
-    pass
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint  # the fix the one-line error suggests (serve shows it)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -577,7 +579,11 @@ class ServerState:
                 raise EngineLoadError("this engine cannot make more than one session")
             for n in range(2, cfg.sessions + 1):
                 self.set_progress(f"allocating session {n} of {cfg.sessions} ({cfg.ctx} tokens)")
-                sessions.append(engine.new_session())
+                try:
+                    sessions.append(engine.new_session())
+                except Exception as exc:  # most likely memory: the weights took it
+                    raise EngineLoadError(f"session {n} of {cfg.sessions} ({cfg.ctx} tokens) could not be "
+                                          f"allocated: {exc}", "use fewer --sessions or a smaller --ctx") from exc
             self.worker.start(engine, sessions)
             self.status = "ok"
             self.progress = "ready"
@@ -710,18 +716,23 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
                 finish, result = ev[1], ev[2]
         return apis.Answer("".join(reasoning), "".join(content), finish, result, calls)
 
-    def chat_job(eng: Engine, messages: list, thinking: bool, fields: dict, tools: Any = None,
-                 tool_choice: Any = None, max_effort: bool = False) -> Job:
-        """The job of a chat-shaped request. `tools`: the request's tool list (OpenAI's shapes, or function
-        definitions); tool_choice "none" renders none."""
+    def chat_prompt(eng: Engine, messages: list, thinking: bool, tools: Any = None, tool_choice: Any = None,
+                    max_effort: bool = False) -> tuple[list[int], bool]:
+        """(prompt ids, whether tools were offered) of a chat-shaped request. `tools`: the request's tool list
+        (OpenAI's shapes, or function definitions); tool_choice "none" renders none."""
         try:
             schemas = chat.tool_schemas(tools) if tools and tool_choice != "none" else None
             prompt = chat.encode(eng.tokenizer, messages, thinking=thinking, tools=schemas, max_effort=max_effort)
         except chat.ChatFormatError as exc:
             raise APIError(400, exc.message, param="tools" if "tools" in exc.message else "messages",
                            code="invalid_value")
+        return prompt, bool(schemas)
+
+    def chat_job(eng: Engine, messages: list, thinking: bool, fields: dict, tools: Any = None,
+                 tool_choice: Any = None, max_effort: bool = False) -> Job:
+        prompt, offered = chat_prompt(eng, messages, thinking, tools, tool_choice, max_effort)
         job = make_job(eng, prompt, sampling_from(fields, None, eng.tokenizer.n_vocab), thinking)
-        job.tools = bool(schemas)
+        job.tools = offered
         return job
 
     def sse_of(job: Job, events) -> Response:
@@ -871,11 +882,7 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
         eng = state.require_ready()
         body = await read_json(request)
         messages, _, tools = apis.anthropic_request({"max_tokens": 1, **body})  # count_tokens has no max_tokens
-        try:
-            prompt = chat.encode(eng.tokenizer, messages, thinking=thinking_from(body),
-                                 tools=chat.tool_schemas(tools) if tools else None)
-        except chat.ChatFormatError as exc:
-            raise APIError(400, exc.message, param="messages", code="invalid_value")
+        prompt, _ = chat_prompt(eng, messages, thinking_from(body), tools)
         return JSONResponse({"input_tokens": len(prompt)})
 
     async def responses(request: Request) -> Response:
