@@ -25,7 +25,8 @@ Event = tuple  # a worker event, see the module docstring
 
 
 class RequestError(Exception):
-    """A request this surface cannot serve; the server answers 400 with `param`."""
+    """A request this surface cannot serve; the server answers 400 with `param` (chat.ChatFormatError, from the
+    shared content and tool parsing, too)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -56,22 +57,6 @@ def _call(call_id: Any, name: Any, arguments: Any, where: str) -> dict[str, Any]
         raise RequestError(f"{where} needs a tool name", where)
     return {"id": call_id if isinstance(call_id, str) else "", "type": "function",
             "function": {"name": name, "arguments": arguments if arguments is not None else {}}}
-
-
-def _texts(content: Any, where: str, text_types: tuple[str, ...]) -> str:
-    """The text of a content that is a string or a list of text blocks."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise RequestError(f"{where} must be a string or an array of content blocks", where)
-    out = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind not in text_types or not isinstance(part.get("text"), str):
-            raise RequestError(f"{where}[{j}] of type {kind!r} is not supported: this server takes text (no images "
-                               f"or files)", where)
-        out.append(part["text"])
-    return "".join(out)
 
 
 # ---- Anthropic Messages API -------------------------------------------------------------------------------------
@@ -117,7 +102,7 @@ def _anthropic_turn(role: str, content: Any, where: str) -> list[chat.Message]:
             calls.append(_call(b.get("id"), b.get("name"), b.get("input"), f"{where}.content[{j}]"))
         elif kind == "tool_result" and role == "user":
             body = b.get("content", "")
-            body = _texts(body, f"{where}.content[{j}].content", ("text",)) if body is not None else ""
+            body = chat.content_text(body, f"{where}.content[{j}].content") if body is not None else ""
             results.append(chat.Message("tool", body, tool_call_id=b.get("tool_use_id")))
         else:
             raise RequestError(f"{where}.content[{j}] of type {kind!r} is not supported in a {role} message "
@@ -136,7 +121,7 @@ def anthropic_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict
     msgs: list[chat.Message] = []
     system = body.get("system")
     if system is not None:
-        text = _texts(system, "system", ("text",))
+        text = chat.content_text(system, "system")
         if text:
             msgs.append(chat.Message("system", text))
     raw = body.get("messages")
@@ -249,6 +234,9 @@ def anthropic_error(status: int, message: str) -> dict[str, Any]:
 
 
 # ---- OpenAI Responses API ---------------------------------------------------------------------------------------
+_RESPONSE_TEXT = ("input_text", "output_text", "text")  # the Responses API's text part types
+
+
 def responses_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict[str, Any], Any]:
     """Messages, the sampling fields under their chat names, and `reasoning.effort` (None: not given). The tools
     go to chat.tool_schemas as they are."""
@@ -283,7 +271,7 @@ def responses_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict
             continue
         if kind == "function_call_output":
             out = item.get("output", "")
-            out = _texts(out, f"{where}.output", ("input_text", "output_text", "text"))
+            out = chat.content_text(out, f"{where}.output", _RESPONSE_TEXT)
             msgs.append(chat.Message("tool", out, tool_call_id=item.get("call_id")))
             continue
         if kind != "message":
@@ -293,7 +281,7 @@ def responses_request(body: Mapping[str, Any]) -> tuple[list[chat.Message], dict
         role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant"):
             raise RequestError(f"{where}.role must be one of user, assistant, system, developer", where)
-        text = _texts(item.get("content"), f"{where}.content", ("input_text", "output_text", "text"))
+        text = chat.content_text(item.get("content"), f"{where}.content", _RESPONSE_TEXT)
         msgs.append(chat.Message(role, text))
     if not any(m.role in ("user", "tool") for m in msgs):
         raise RequestError("'input' has no user message", "input")

@@ -46,24 +46,26 @@ class Message:
     tool_call_id: str | None = None  # a tool result: the call it answers
 
 
-def content_text(content: Any) -> str:
-    """OpenAI content: a string, None, or a list of parts of which we take the text ones."""
+def content_text(content: Any, where: str = "message content", types: tuple[str, ...] = ("text",)) -> str:
+    """The text of a content: a string, None, or a list of parts whose `type` is one of `types` (OpenAI's "text";
+    the other APIs name theirs input_text, output_text); any other part is refused, named by `where`."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
-        for part in content:
-            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        for j, part in enumerate(content):
+            if isinstance(part, Mapping) and part.get("type") in types and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif isinstance(part, str):
                 texts.append(part)
             else:
                 kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise ChatFormatError(f"message content part of type {kind!r} is not supported (text only)")
+                raise ChatFormatError(f"{where}[{j}] of type {kind!r} is not supported (text only: no images or "
+                                      f"files)")
         return "".join(texts)
-    raise ChatFormatError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+    raise ChatFormatError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
 
 
 def parse_messages(raw: Any) -> list[Message]:

@@ -668,9 +668,9 @@ def create_app(config: ServerConfig, loader: Callable[..., Engine] = load_engine
             except APIError as exc:
                 log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
                 return exc.response(anthropic=request.url.path.startswith("/v1/messages"))
-            except apis.RequestError as exc:
+            except (apis.RequestError, chat.ChatFormatError) as exc:
                 log.info("%s %s -> 400 %s", request.method, request.url.path, exc.message)
-                return APIError(400, exc.message, param=exc.param, code="invalid_value").response(
+                return APIError(400, exc.message, param=getattr(exc, "param", None), code="invalid_value").response(
                     anthropic=request.url.path.startswith("/v1/messages"))
         return wrapped
 
