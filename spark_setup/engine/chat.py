@@ -94,7 +94,7 @@ def parse_messages(raw: Any) -> list[Message]:
                 raise ChatFormatError(f"messages[{i}].tool_calls[{j}] must be {{\"function\": {{\"name\": ..., "
                                       f"\"arguments\": ...}}}}")
         call_id = m.get("tool_call_id")
-        out.append(Message(role, content_text(m.get("content")), reasoning, list(calls),
+        out.append(Message(role, content_text(m.get("content"), f"messages[{i}].content"), reasoning, list(calls),
                            call_id if isinstance(call_id, str) else None))
     return out
 
